@@ -1,0 +1,300 @@
+"""Load released CLIP weights (OpenAI, OpenCLIP) and clipforge checkpoints without executing code.
+
+Accepted: a state dict (dict), or a file holding one of
+- an OpenAI TorchScript archive (the released `ViT-B-32.pt` files): read with a restricted unpickler
+  that rebuilds tensors and records module attributes, never importing or running archived code;
+- a plain state dict / OpenCLIP training checkpoint saved by `torch.save` (read with weights_only=True);
+- safetensors (clipforge writes its own checkpoints this way, with the model config in the metadata).
+
+The architecture is inferred from tensor shapes (as the reference code does); the activation cannot
+be, so `quick_gelu` is an option (OpenAI weights: QuickGELU, the default; OpenCLIP's LAION weights:
+GELU). An OpenCLIP model name ending in `-quickgelu` is understood by `model_name=`.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import re
+import zipfile
+from typing import Any, Mapping
+
+import torch
+
+from .config import CLIPConfig, TextConfig, VisionConfig, get_preset
+from .model import CLIP
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or state dict cannot be read or does not fit the model."""
+
+
+# ----------------------------------------------------------------------------- TorchScript archives
+_STORAGE_DTYPES = {
+    "FloatStorage": torch.float32,
+    "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16,
+    "DoubleStorage": torch.float64,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
+}
+
+
+class _ScriptObject:
+    """Stands in for any `__torch__.*` class of an archive: keeps its pickled state, runs nothing."""
+
+    def __init__(self, *args, **kwargs):
+        self.state = None
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+class _StorageType:
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, data: bytes, read_record):
+        super().__init__(io.BytesIO(data))
+        self._read_record = read_record
+
+    def find_class(self, module, name):
+        if module.startswith("__torch__"):
+            return type(name, (_ScriptObject,), {})
+        if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_parameter"):
+            return getattr(torch._utils, name)
+        if module == "collections" and name == "OrderedDict":
+            import collections
+
+            return collections.OrderedDict
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _StorageType(_STORAGE_DTYPES[name])
+        if module == "torch" and name == "device":
+            return torch.device
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a checkpoint (not a tensor or module)")
+
+    def persistent_load(self, pid):
+        # ('storage', storage_type, key, location, numel)
+        if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
+            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
+        storage_type, key = pid[1], pid[2]
+        dtype = storage_type.dtype
+        raw = self._read_record(f"data/{key}")
+        untyped = torch.frombuffer(bytearray(raw), dtype=torch.uint8).untyped_storage() if raw else torch.UntypedStorage(0)
+        return torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
+
+
+def _flatten_script_state(obj: Any, prefix: str, out: dict[str, torch.Tensor]) -> None:
+    state = obj.state if isinstance(obj, _ScriptObject) else obj
+    if isinstance(state, tuple) and state and isinstance(state[0], dict):
+        state = state[0]
+    if not isinstance(state, dict):
+        return
+    for key, value in state.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, torch.Tensor):
+            out[name] = value
+        elif isinstance(value, (_ScriptObject, dict)):
+            _flatten_script_state(value, name + ".", out)
+
+
+def _read_torchscript(path: str, zf: zipfile.ZipFile) -> dict[str, torch.Tensor]:
+    names = zf.namelist()
+    data_pkl = next((n for n in names if n.endswith("/data.pkl") and n.count("/") == 1), None)
+    if data_pkl is None:
+        raise CheckpointError(f"{path}: a zip archive without data.pkl is not a TorchScript or torch checkpoint")
+    root = data_pkl.rsplit("/", 1)[0]
+    module = _RestrictedUnpickler(zf.read(data_pkl), lambda rec: zf.read(f"{root}/{rec}")).load()
+    out: dict[str, torch.Tensor] = {}
+    _flatten_script_state(module, "", out)
+    return out
+
+
+def _is_torchscript(zf: zipfile.ZipFile) -> bool:
+    return any(n.endswith("/constants.pkl") or "/code/" in n for n in zf.namelist())
+
+
+# ----------------------------------------------------------------------------- files
+def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """Read tensors from a checkpoint file without executing code -> (state_dict, clipforge config or None)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    try:
+        if path.endswith(".safetensors") or (len(head) >= 9 and head[8:9] == b"{"):
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+                sd = {k: f.get_tensor(k) for k in f.keys()}
+            cfg = json.loads(meta["clipforge_config"]) if "clipforge_config" in meta else None
+            return sd, cfg
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                if _is_torchscript(zf):
+                    return _read_torchscript(path, zf), None
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (CheckpointError, FileNotFoundError):
+        raise
+    except Exception as exc:  # corrupt, truncated, or a pickle that needs code to load
+        raise CheckpointError(
+            f"{path} could not be read as a CLIP checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            "expected an OpenAI .pt archive, an OpenCLIP state dict, or a .safetensors file"
+        ) from None
+    return _unwrap(obj, path)
+
+
+def _unwrap(obj: Any, where: str) -> tuple[dict[str, torch.Tensor], dict | None]:
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{where} holds a {type(obj).__name__}, not a state dict")
+    cfg = obj.get("clipforge_config") if isinstance(obj.get("clipforge_config"), dict) else None
+    for key in ("state_dict", "model", "module"):
+        if key in obj and isinstance(obj[key], Mapping):
+            obj = obj[key]
+            break
+    sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not sd:
+        raise CheckpointError(f"{where} holds no tensors")
+    if all(k.startswith("module.") for k in sd):  # saved from DistributedDataParallel
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd, cfg
+
+
+# ----------------------------------------------------------------------------- architecture
+def _count(sd: Mapping[str, Any], pattern: str) -> int:
+    rx = re.compile(pattern)
+    return len({m.group(1) for k in sd if (m := rx.match(k))})
+
+
+def infer_config(sd: Mapping[str, torch.Tensor], quick_gelu: bool = True) -> CLIPConfig:
+    """The architecture of a released-format state dict, from its tensor shapes (heads = width / 64)."""
+    try:
+        embed_dim = sd["text_projection"].shape[1]
+        t_width = sd["ln_final.weight"].shape[0]
+        text = TextConfig(
+            context_length=sd["positional_embedding"].shape[0],
+            vocab_size=sd["token_embedding.weight"].shape[0],
+            width=t_width,
+            heads=max(1, t_width // 64),
+            layers=_count(sd, r"transformer\.resblocks\.(\d+)\."),
+        )
+        if "visual.proj" in sd:
+            width = sd["visual.conv1.weight"].shape[0]
+            patch = sd["visual.conv1.weight"].shape[-1]
+            grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+            vision = VisionConfig(
+                image_size=patch * grid,
+                layers=_count(sd, r"visual\.transformer\.resblocks\.(\d+)\."),
+                width=width,
+                patch_size=patch,
+                heads=max(1, width // 64),
+            )
+        else:
+            layers = tuple(_count(sd, rf"visual\.layer{b}\.(\d+)\.") for b in (1, 2, 3, 4))
+            width = sd["visual.layer1.0.conv1.weight"].shape[0]
+            grid = round((sd["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
+            vision = VisionConfig(image_size=grid * 32, layers=layers, width=width, patch_size=None)
+    except KeyError as exc:
+        raise CheckpointError(
+            f"cannot infer the CLIP architecture: key {exc.args[0]!r} is missing "
+            "(is this a CLIP checkpoint in OpenAI/OpenCLIP format?)"
+        ) from None
+    return CLIPConfig(embed_dim=embed_dim, vision=vision, text=text, quick_gelu=quick_gelu)
+
+
+# Non-tensor-state entries of OpenAI's archives that are not model weights.
+_IGNORED_KEYS = {"input_resolution", "context_length", "vocab_size", "attn_mask"}
+
+
+def load_state_dict_strict(model: CLIP, sd: Mapping[str, torch.Tensor], where: str = "state dict") -> None:
+    """Copy `sd` into `model`, refusing with the names of missing, unexpected or mis-shaped keys."""
+    sd = {k: v for k, v in sd.items() if k.rsplit(".", 1)[-1] not in _IGNORED_KEYS}
+    own = model.state_dict()
+    own = {k: v for k, v in own.items() if not k.endswith("num_batches_tracked") or k in sd}
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    shaped = sorted(k for k in set(own) & set(sd) if own[k].shape != sd[k].shape)
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_names(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_names(unexpected)}")
+    if shaped:
+        problems.append(
+            "mis-shaped keys: " + _names([f"{k} (checkpoint {tuple(sd[k].shape)}, model {tuple(own[k].shape)})" for k in shaped])
+        )
+    if problems:
+        raise CheckpointError(f"{where} does not fit the model: " + "; ".join(problems))
+    model.load_state_dict(sd, strict=False)
+
+
+def _names(keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def load(
+    path_or_state_dict,
+    *,
+    model_name: str | None = None,
+    quick_gelu: bool | None = None,
+    config: CLIPConfig | dict | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> CLIP:
+    """Build a CLIP model from released weights or a clipforge checkpoint; returns it in eval mode.
+
+    path_or_state_dict: a file path or a state dict. The architecture comes from, in order: `config`,
+    `model_name` (a preset, e.g. "ViT-B-32" or "ViT-B-32-quickgelu"), the config stored in a clipforge
+    checkpoint, or the tensor shapes. `quick_gelu` overrides the activation (default QuickGELU when
+    inferring, as in OpenAI's released weights).
+    """
+    if isinstance(path_or_state_dict, Mapping):
+        sd, stored_cfg = _unwrap(path_or_state_dict, "the state dict")
+        where = "the state dict"
+    else:
+        sd, stored_cfg = read_state_dict(path_or_state_dict)
+        where = os.fspath(path_or_state_dict)
+    if config is not None:
+        cfg = config if isinstance(config, CLIPConfig) else CLIPConfig.from_dict(config)
+    elif model_name is not None:
+        cfg = get_preset(model_name)
+    elif stored_cfg is not None:
+        cfg = CLIPConfig.from_dict(stored_cfg)
+    else:
+        cfg = infer_config(sd, quick_gelu=True if quick_gelu is None else quick_gelu)
+    if quick_gelu is not None:
+        cfg.quick_gelu = quick_gelu
+    with torch.device("meta"):
+        model = CLIP(cfg)
+    model = model.to_empty(device="cpu")
+    _reset_buffers(model)
+    load_state_dict_strict(model, sd, where)
+    model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    return model.eval()
+
+
+def _reset_buffers(model: CLIP) -> None:
+    # to_empty leaves buffers uninitialised; released checkpoints may omit num_batches_tracked
+    for name, buf in model.named_buffers():
+        if name.endswith("num_batches_tracked"):
+            buf.zero_()
+
+
+def save(model: CLIP, path: str | os.PathLike) -> None:
+    """Write `model` as safetensors with its config in the metadata (what `load` reads back)."""
+    from safetensors.torch import save_file
+
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = f"{os.fspath(path)}.tmp"
+    save_file(sd, tmp, metadata={"clipforge_config": json.dumps(model.config.to_dict())})
+    os.replace(tmp, path)

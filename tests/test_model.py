@@ -1,0 +1,288 @@
+"""The model family against an independent implementation (OpenCLIP), released parameter counts, and
+clear errors on bad input."""
+import os
+import pickle
+
+import pytest
+import torch
+
+import clipforge
+from clipforge.config import ConfigError, PRESETS
+from clipforge.loading import CheckpointError
+from clipforge.model import num_parameters
+
+open_clip = pytest.importorskip("open_clip")
+
+# Parameter counts of the released OpenAI models.
+RELEASED_PARAMS = {
+    "RN50": 102_007_137,
+    "RN101": 119_688_033,
+    "RN50x4": 178_300_601,
+    "RN50x16": 290_979_217,
+    "RN50x64": 623_258_305,
+    "ViT-B-32": 151_277_313,
+    "ViT-B-16": 149_620_737,
+    "ViT-L-14": 427_616_513,
+    "ViT-L-14-336": 427_944_193,
+}
+
+# Small OpenCLIP models (heads of width 64 so the architecture can be inferred from shapes).
+TINY_OPENCLIP = {
+    "tiny-vit": dict(
+        embed_dim=48,
+        vision_cfg=dict(image_size=32, layers=2, width=128, patch_size=8),
+        text_cfg=dict(context_length=77, vocab_size=49408, width=128, heads=2, layers=2),
+    ),
+    "tiny-rn": dict(
+        embed_dim=48,
+        vision_cfg=dict(image_size=64, layers=[1, 2, 1, 1], width=16),
+        text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=1, layers=1),
+    ),
+}
+
+
+def _randomize(model: torch.nn.Module, seed: int = 0) -> None:
+    """Random weights everywhere, including biases, norms and BatchNorm statistics (not just init)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if not t.is_floating_point() or name == "attn_mask":
+                continue
+            if name.endswith("running_var"):
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+            elif name == "logit_scale":
+                t.fill_(4.0)
+            elif t.dim() == 1 and ("ln" in name or "bn" in name or name.endswith(".1.weight")) and name.endswith("weight"):
+                t.copy_(1 + 0.2 * torch.randn(t.shape, generator=g))  # norm gains
+            elif t.dim() <= 1:
+                t.copy_(0.1 * torch.randn(t.shape, generator=g))  # biases, running means, class token
+            else:
+                fan_in = t[0].numel() if t.dim() > 2 else t.shape[-1]
+                t.copy_(torch.randn(t.shape, generator=g) / fan_in**0.5)
+
+
+def _openclip_model(name: str, quick_gelu: bool):
+    if name in TINY_OPENCLIP:
+        from open_clip.model import CLIP as OpenCLIPModel
+
+        model = OpenCLIPModel(**TINY_OPENCLIP[name], quick_gelu=quick_gelu)
+    else:
+        model = open_clip.create_model(name + ("-quickgelu" if quick_gelu else ""))
+    _randomize(model)
+    return model.eval()
+
+
+def _inputs(resolution: int, n: int = 2, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, 3, resolution, resolution, generator=g)
+    tokens = torch.zeros(n, 77, dtype=torch.long)
+    for i in range(n):
+        length = 5 + 13 * i
+        tokens[i, 0] = 49406
+        tokens[i, 1:length] = torch.randint(1, 49406, (length - 1,), generator=g)
+        tokens[i, length] = 49407
+    return images, tokens
+
+
+def _assert_close(ours: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+    scale = ref.abs().max().item()
+    err = (ours - ref).abs().max().item()
+    assert err <= 1e-5 * scale, f"{what}: max abs diff {err:.3g} > 1e-5 x output scale {scale:.3g}"
+
+
+@pytest.mark.parametrize(
+    "name,quick_gelu",
+    [("ViT-B-32", True), ("RN50", True), ("tiny-vit", False), ("tiny-rn", True), ("tiny-vit", True)],
+)
+def test_parity_with_openclip(name, quick_gelu, tmp_path):
+    ref = _openclip_model(name, quick_gelu)
+    sd = ref.state_dict()
+    # through a file, as users load released weights (torch.save -> weights_only read)
+    path = tmp_path / "weights.pt"
+    torch.save(sd, path)
+    ours = clipforge.load(str(path), quick_gelu=quick_gelu)
+    assert not ours.training
+    res = ours.image_size
+    images, tokens = _inputs(res)
+    with torch.no_grad():
+        _assert_close(ours.encode_image(images), ref.encode_image(images), f"{name} encode_image")
+        _assert_close(ours.encode_text(tokens), ref.encode_text(tokens), f"{name} encode_text")
+        assert torch.allclose(ours.logit_scale, ref.logit_scale)
+
+
+def test_wrong_activation_changes_output():
+    """The parity test would catch a wrong activation: GELU weights run with QuickGELU differ."""
+    ref = _openclip_model("tiny-vit", quick_gelu=False)
+    ours = clipforge.load(ref.state_dict(), quick_gelu=True)
+    images, _ = _inputs(32)
+    with torch.no_grad():
+        diff = (ours.encode_image(images) - ref.encode_image(images)).abs().max().item()
+    assert diff > 1e-3
+
+
+def test_openclip_quickgelu_name_and_formats(tmp_path):
+    ref = _openclip_model("tiny-vit", quick_gelu=True)
+    images, tokens = _inputs(32)
+    with torch.no_grad():
+        want = ref.encode_text(tokens)
+    # an OpenCLIP training checkpoint: {"state_dict": {"module.*": ...}, "epoch": ...}
+    ckpt = {"epoch": 3, "name": "run", "state_dict": {f"module.{k}": v for k, v in ref.state_dict().items()}}
+    torch.save(ckpt, tmp_path / "epoch_3.pt")
+    m = clipforge.load(str(tmp_path / "epoch_3.pt"))
+    with torch.no_grad():
+        _assert_close(m.encode_text(tokens), want, "openclip training checkpoint")
+    # safetensors
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    m = clipforge.load(str(tmp_path / "w.safetensors"))
+    with torch.no_grad():
+        _assert_close(m.encode_image(images), ref.encode_image(images), "safetensors")
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_torchscript_archive_is_read_without_running_it(tmp_path):
+    """OpenAI releases TorchScript archives: read their tensors with the restricted unpickler."""
+    model = clipforge.create_model("tiny-vit").eval()
+    images, tokens = _inputs(32)
+    traced = torch.jit.trace(model, (images, tokens), check_trace=False)
+    traced.save(str(tmp_path / "tiny.pt"))
+    loaded = clipforge.load(str(tmp_path / "tiny.pt"), model_name="tiny-vit")
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_image(images), model.encode_image(images))
+        assert torch.equal(loaded.encode_text(tokens), model.encode_text(tokens))
+
+
+def test_clipforge_checkpoint_roundtrip(tmp_path):
+    """clipforge.save keeps the config, so presets whose heads cannot be inferred load exactly."""
+    model = clipforge.create_model("tiny-rn")
+    _randomize(model, seed=3)
+    clipforge.save(model, tmp_path / "m.safetensors")
+    loaded = clipforge.load(str(tmp_path / "m.safetensors"))
+    assert loaded.config == model.config
+    images, tokens = _inputs(64)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_image(images), model.encode_image(images))
+
+
+@pytest.mark.parametrize("name", sorted(RELEASED_PARAMS))
+def test_parameter_counts_match_released(name):
+    with torch.device("meta"):
+        ours = clipforge.create_model(name)
+    assert num_parameters(ours) == RELEASED_PARAMS[name]
+
+
+@pytest.mark.parametrize("name", ["ViT-B-16", "ViT-L-14", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-L-14-336"])
+def test_parameter_shapes_match_openclip(name):
+    """Same tensor names and shapes as OpenCLIP's build of the same architecture (on the meta device)."""
+    with torch.device("meta"):
+        ours = clipforge.create_model(name)
+        theirs = open_clip.create_model(name + "-quickgelu", device="meta")
+    a = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    b = {k: tuple(v.shape) for k, v in theirs.state_dict().items() if k != "attn_mask"}
+    assert a == b
+
+
+SMALL_FORWARD = ["tiny-vit", "tiny-rn", "small-vit", "ViT-B-32", "ViT-B-16", "RN50", "RN101", "RN50x4"]
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_runs_forward(name):
+    """Real forward passes for the presets that fit the CI budget; shape-only (meta) for the largest."""
+    meta = name not in SMALL_FORWARD
+    ctx = torch.device("meta") if meta else torch.device("cpu")
+    with ctx:
+        model = clipforge.create_model(name).eval()
+        images, tokens = _inputs(model.image_size, n=1)
+        if meta:
+            images, tokens = images.to("meta"), tokens.to("meta")
+        with torch.no_grad():
+            img, txt, scale = model(images, tokens)
+    e = model.config.embed_dim
+    assert img.shape == (1, e) and txt.shape == (1, e) and scale.shape == ()
+    if not meta:
+        assert torch.isfinite(img).all() and torch.isfinite(txt).all()
+        assert torch.allclose(img.norm(dim=-1), torch.ones(1)) and torch.allclose(txt.norm(dim=-1), torch.ones(1))
+        assert abs(scale.item() - 1 / 0.07) < 1e-3
+
+
+def test_grad_checkpointing_gives_same_gradients():
+    torch.manual_seed(0)
+    a = clipforge.create_model("tiny-vit")
+    b = clipforge.create_model("tiny-vit", grad_checkpointing=True)
+    b.load_state_dict(a.state_dict())
+    images, tokens = _inputs(32, n=3)
+    for m in (a, b):
+        i, t, s = m(images, tokens)
+        (s * (i @ t.t())).logsumexp(dim=1).sum().backward()
+    for (n1, p1), (_, p2) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.allclose(p1.grad, p2.grad, atol=1e-6, rtol=1e-5), n1
+
+
+def test_config_from_yaml_and_unknown_key(tmp_path):
+    good = tmp_path / "m.yaml"
+    good.write_text("embed_dim: 32\nvision: {image_size: 32, layers: 1, width: 64, patch_size: 16}\n"
+                    "text: {width: 64, heads: 1, layers: 1}\n")
+    cfg = clipforge.CLIPConfig.from_yaml(good)
+    model = clipforge.CLIP(cfg)
+    assert model.visual.positional_embedding.shape == (5, 64)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("embed_dim: 32\nvision: {image_size: 32, patch_sise: 16}\n")
+    with pytest.raises(ConfigError, match=r"vision\.patch_sise"):
+        clipforge.CLIPConfig.from_yaml(bad)
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_unknown_model_name_lists_known():
+    with pytest.raises(ValueError, match="unknown model name 'ViT-X-99'; known models: RN50, .*ViT-B-32"):
+        clipforge.create_model("ViT-X-99")
+
+
+def test_wrong_image_size():
+    model = clipforge.create_model("tiny-vit")
+    with pytest.raises(ValueError, match=r"expected images of shape \(N, 3, 32, 32\).*got \(2, 3, 48, 48\)"):
+        model.encode_image(torch.randn(2, 3, 48, 48))
+
+
+def test_tokens_longer_than_context():
+    model = clipforge.create_model("tiny-vit")
+    with pytest.raises(ValueError, match="length 80 exceed.*context length 77"):
+        model.encode_text(torch.zeros(1, 80, dtype=torch.long))
+
+
+def test_corrupted_checkpoint(tmp_path):
+    model = clipforge.create_model("tiny-vit")
+    path = tmp_path / "model.pt"
+    torch.save(model.state_dict(), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # truncated download
+    with pytest.raises(CheckpointError, match="model.pt could not be read"):
+        clipforge.load(str(path))
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        clipforge.load(str(tmp_path / "nope.pt"))
+
+
+def test_checkpoint_that_would_run_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"visual.proj": Evil()}, f)
+    with pytest.raises(CheckpointError):
+        clipforge.load(str(path))
+    assert not marker.exists()
+
+
+def test_missing_and_misshaped_keys_are_named():
+    sd = clipforge.create_model("tiny-vit").state_dict()
+    del sd["ln_final.bias"]
+    sd["visual.ln_pre.weight"] = torch.ones(7)
+    sd["extra.weight"] = torch.ones(1)
+    with pytest.raises(CheckpointError, match=r"missing keys: ln_final.bias.*unexpected keys: extra.weight.*"
+                                              r"mis-shaped keys: visual.ln_pre.weight \(checkpoint \(7,\), model \(64,\)\)"):
+        clipforge.load(sd, model_name="tiny-vit")
