@@ -1,0 +1,183 @@
+"""Contrastive loss fwd+bwd: time and peak memory, ours vs the PyTorch reference vs OpenCLIP's ClipLoss.
+
+Run: pytest benchmarks/bench_contrastive.py --benchmark-json out.json      (never in `pytest tests`)
+     CLIPFORGE_BENCH_N=8192 pytest benchmarks/bench_contrastive.py -k cpu   (one N)
+
+CPU (clipforge._C, "cpp"): N in {4096, 8192, 16384, 32768}, d = 512, fp32. Peak memory is the peak
+RSS of a separate process that runs one fwd+bwd, minus the peak RSS of the same process doing
+everything but the loss (imports, features with requires_grad, a tensor scale): the loss's own extra
+memory, gradients included. The baselines (reference, ClipLoss) materialise several N x N fp32
+matrices (4 GiB each at N = 32768) and take minutes there, so they stop at N = 16384 on CPU.
+CUDA ("triton"): N in {4096, ..., 32768}, d in {512, 768}, bf16 features; extra memory is
+max_memory_allocated minus what the inputs hold; "mm4" times four torch.mm of the loss's GEMM size
+(2 N^2 d FLOPs each), the speed of light for a fused loss.
+extra_info: seconds per fwd+bwd, GFLOP/s counted as 4 GEMMs (8 N^2 d), and peak_extra_mb.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+CPU_N = [int(os.environ["CLIPFORGE_BENCH_N"])] if "CLIPFORGE_BENCH_N" in os.environ else [4096, 8192, 16384, 32768]
+CPU_BASELINE_MAX_N = 16384
+GPU_N = [4096, 8192, 16384, 32768]
+
+
+def _has_open_clip() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("open_clip") is not None
+
+
+def _torchvision_shim() -> None:
+    # open_clip imports torchvision, whose PyPI wheel expects a CUDA torch; the same two-line shim as
+    # tests/conftest.py (the op registrations it skips are not used by ClipLoss)
+    import types
+
+    sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+
+
+# Run in a fresh process: builds the features, warms up on 8 pairs, then resets the kernel's peak-RSS
+# mark (`5 > /proc/self/clear_refs`), runs one fwd+bwd and prints VmHWM - VmRSS-before (KiB): the loss's
+# own extra memory, gradients included, whatever the imports peaked at before.
+_CHILD = textwrap.dedent("""
+    import sys, types, torch
+    sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+    n, d, provider = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    import clipforge
+    if provider == "openclip":
+        import open_clip
+        loss_fn = open_clip.loss.ClipLoss()
+    else:
+        loss_fn = lambda i, t, s: clipforge.contrastive_loss(i, t, s, backend=provider)
+    def status(key):
+        for line in open("/proc/self/status"):
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    g = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).requires_grad_(True)
+    txt = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).requires_grad_(True)
+    scale = torch.tensor(14.3, requires_grad=True)
+    loss_fn(img[:8], txt[:8], scale).backward()  # warm every import and code path on a tiny batch
+    img.grad = txt.grad = scale.grad = None
+    before = status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    loss_fn(img, txt, scale).backward()
+    print(status("VmHWM") - before)
+""")
+
+
+def _peak_extra_kib(n: int, d: int, provider: str) -> int:
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    out = subprocess.run([sys.executable, "-c", _CHILD, str(n), str(d), provider],
+                         capture_output=True, text=True, env=env, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def _cpu_loss_fn(provider: str):
+    import clipforge
+
+    if provider == "openclip":
+        _torchvision_shim()
+        import open_clip
+
+        return open_clip.loss.ClipLoss()
+    return lambda i, t, s: clipforge.contrastive_loss(i, t, s, backend=provider)
+
+
+@pytest.mark.parametrize("provider", ["cpp", "torch", "openclip"])
+@pytest.mark.parametrize("n", CPU_N)
+def test_cpu_contrastive_fwd_bwd(benchmark, n, provider):
+    d = 512
+    if provider != "cpp" and n > CPU_BASELINE_MAX_N:
+        pytest.skip(f"{provider} needs several {n}x{n} fp32 matrices; CPU baselines stop at N={CPU_BASELINE_MAX_N}")
+    if provider == "openclip" and not _has_open_clip():
+        pytest.skip("open_clip is not installed")
+    if provider == "cpp":
+        from clipforge import ops
+
+        if ops.cpp_extension() is None:
+            pytest.skip("clipforge._C is not built")
+    g = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).requires_grad_(True)
+    txt = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).requires_grad_(True)
+    scale = torch.tensor(14.3, requires_grad=True)
+    loss_fn = _cpu_loss_fn(provider)
+
+    def step():
+        img.grad = txt.grad = scale.grad = None
+        loss_fn(img, txt, scale).backward()
+
+    rounds = 3 if n <= 8192 else 1
+    benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=1 if n <= 8192 else 0)
+    extra_kib = _peak_extra_kib(n, d, provider)
+    seconds = benchmark.stats.stats.min
+    benchmark.extra_info.update({
+        "device": "cpu", "n": n, "d": d, "provider": provider, "pass": "fwd+bwd", "seconds": seconds,
+        "gflops_4gemm": 8 * n * n * d / seconds / 1e9, "peak_extra_mb": extra_kib / 1024,
+        "threads": torch.get_num_threads(),
+    })
+    print(json.dumps(benchmark.extra_info))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("provider", ["triton", "torch", "openclip", "mm4"])
+@pytest.mark.parametrize("d", [512, 768])
+@pytest.mark.parametrize("n", GPU_N)
+def test_cuda_contrastive_fwd_bwd(benchmark, n, d, provider):
+    import clipforge
+
+    if provider == "openclip" and not _has_open_clip():
+        pytest.skip("open_clip is not installed")
+    dev = torch.device("cuda")
+    dtype = torch.bfloat16
+    img = torch.nn.functional.normalize(torch.randn(n, d, device=dev), dim=1).to(dtype).requires_grad_(True)
+    txt = torch.nn.functional.normalize(torch.randn(n, d, device=dev), dim=1).to(dtype).requires_grad_(True)
+    scale = torch.tensor(14.3, device=dev, requires_grad=True)
+    if provider == "mm4":
+        a, b = img.detach(), txt.detach()
+        p = torch.empty(n, n, device=dev, dtype=dtype)
+
+        def step():
+            torch.mm(a, b.t(), out=p)     # logits
+            torch.mm(a, b.t(), out=p)     # recompute
+            torch.mm(p, b)                # G T
+            torch.mm(p.t(), a)            # G^T I
+            torch.cuda.synchronize()
+    else:
+        if provider == "openclip":
+            _torchvision_shim()
+            import open_clip
+
+            loss_fn = open_clip.loss.ClipLoss()
+        else:
+            loss_fn = lambda i, t, s: clipforge.contrastive_loss(i, t, s, backend=provider)  # noqa: E731
+
+        def step():
+            img.grad = txt.grad = scale.grad = None
+            loss_fn(img, txt, scale).backward()
+            torch.cuda.synchronize()
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    peak = torch.cuda.max_memory_allocated() - base
+    benchmark.pedantic(step, rounds=10, iterations=1, warmup_rounds=2)
+    seconds = benchmark.stats.stats.min
+    benchmark.extra_info.update({
+        "device": torch.cuda.get_device_name(), "n": n, "d": d, "provider": provider, "dtype": "bf16",
+        "pass": "fwd+bwd", "seconds": seconds, "tflops_4gemm": 8 * n * n * d / seconds / 1e12,
+        "peak_extra_mb": peak / 2**20,
+    })
+    print(json.dumps(benchmark.extra_info))

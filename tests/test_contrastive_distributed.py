@@ -1,0 +1,113 @@
+"""The distributed contrastive loss over gloo (2 and 3 CPU ranks) equals the single-process loss.
+
+Each rank holds n pairs of one global batch of W n pairs. For every backend CI can run (cpp, torch,
+triton under the interpreter) the test checks, against the float64 single-process loss over the whole
+batch: the loss on every rank; W x this rank's slice of the feature gradients (the data-parallel
+averaging convention of clipforge.loss); the full logit-scale gradient on every rank. Unequal local
+batches must raise the same clear error on every rank.
+
+The ranks are subprocesses running this file as a script (`python this_file.py RANK WORLD INIT OUT`).
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+N_LOCAL = 13  # odd, and not a multiple of any chunk or block size used
+DIM = 24
+SCALE = 14.3
+CPP_CHUNK = 4
+
+
+def _global_batch(world: int):
+    g = torch.Generator().manual_seed(1234 + world)
+    n = N_LOCAL * world
+    img = torch.nn.functional.normalize(torch.randn(n, DIM, generator=g, dtype=torch.float64), dim=1)
+    txt = torch.nn.functional.normalize(torch.randn(n, DIM, generator=g, dtype=torch.float64) + 0.5 * img, dim=1)
+    return img, txt
+
+
+def _worker(rank: int, world: int, init_file: str, out_file: str) -> None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+    import torch.distributed as dist
+
+    import clipforge
+    from clipforge import ops
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    img, txt = _global_batch(world)
+    rows = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
+    backends = ["torch", "triton"] + (["cpp"] if ops.cpp_extension() is not None else [])
+    results = {}
+    for backend in backends:
+        i = img[rows].float().clone().requires_grad_(True)
+        t = txt[rows].float().clone().requires_grad_(True)
+        s = torch.tensor(SCALE, requires_grad=True)
+        loss = clipforge.contrastive_loss(i, t, s, group=dist.group.WORLD, backend=backend,
+                                          chunk_size=CPP_CHUNK if backend == "cpp" else None)
+        loss.backward()
+        results[backend] = (loss.detach(), i.grad, t.grad, s.grad)
+    # unequal local batches: every rank must raise (rank 0 holds one pair fewer)
+    n_bad = N_LOCAL - 1 if rank == 0 else N_LOCAL
+    try:
+        clipforge.contrastive_loss(img[:n_bad].float(), txt[:n_bad].float(), SCALE, group=dist.group.WORLD,
+                                   backend="cpp" if "cpp" in backends else "torch")
+        results["unequal"] = None
+    except ValueError as exc:
+        results["unequal"] = str(exc)
+    torch.save(results, out_file)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _run_ranks(world: int, tmp_path):
+    init_file = tmp_path / "init"
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, str(r), str(world), str(init_file), str(tmp_path / f"rank{r}.pt")],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for r in range(world)
+    ]
+    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    for r, p in enumerate(procs):
+        assert p.returncode == 0, f"rank {r} failed:\n{outputs[r]}"
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
+
+
+def _rel(a, b):
+    return ((a.double() - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_distributed_loss_equals_single_process(world, tmp_path):
+    from clipforge import reference
+
+    img, txt = _global_batch(world)
+    i = img.clone().requires_grad_(True)
+    t = txt.clone().requires_grad_(True)
+    s = torch.tensor(SCALE, dtype=torch.float64, requires_grad=True)
+    want = reference.contrastive_loss(i, t, s)
+    want.backward()
+
+    results = _run_ranks(world, tmp_path)
+    backends = [b for b in results[0] if b != "unequal"]
+    assert {"torch", "triton"} <= set(backends)
+    for rank, res in enumerate(results):
+        rows = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
+        for backend in backends:
+            loss, d_img, d_txt, d_scale = res[backend]
+            what = f"{backend}, rank {rank} of {world}"
+            assert _rel(loss, want.detach()) <= 1e-5, f"{what}: loss {loss.item()} != {want.item()}"
+            assert _rel(d_img / world, i.grad[rows]) <= 1e-5, f"{what}: image gradient"
+            assert _rel(d_txt / world, t.grad[rows]) <= 1e-5, f"{what}: text gradient"
+            assert _rel(d_scale, s.grad) <= 1e-5, f"{what}: scale gradient {d_scale.item()} != {s.grad.item()}"
+        assert res["unequal"] is not None and "same local batch size" in res["unequal"], (
+            f"rank {rank}: unequal batches gave {res['unequal']!r}")
+
+
+if __name__ == "__main__":
+    _worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])

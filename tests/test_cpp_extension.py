@@ -1,0 +1,122 @@
+"""clipforge._C: boundary checks, chunked top-k, statistics, and the CMake build of the same sources."""
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from clipforge import ops, reference
+
+_C = ops.cpp_extension()
+pytestmark = pytest.mark.skipif(_C is None, reason="clipforge._C is not built")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _rand(*shape, dtype=torch.float32, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+@pytest.mark.parametrize("chunk", [0, 1, 3, 64])
+def test_forward_statistics_match_logsumexp(chunk):
+    img, txt = _rand(37, 16, dtype=torch.float64), _rand(41, 16, dtype=torch.float64, seed=1)
+    logits = 7.5 * img @ txt.t()
+    row_lse, col_max, col_sum = _C.contrastive_forward(img, txt, 7.5, chunk)
+    torch.testing.assert_close(row_lse, torch.logsumexp(logits, 1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(col_max + col_sum.log(), torch.logsumexp(logits, 0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(col_max, logits.amax(0), rtol=0, atol=1e-12)
+
+
+def test_backward_with_row_offset_matches_autograd():
+    # the rows of one rank (offset 10 in a 30-pair global batch): d_image, the partial d_text, d_scale
+    img_all, txt = _rand(30, 8, dtype=torch.float64), _rand(30, 8, dtype=torch.float64, seed=1)
+    i = img_all.clone().requires_grad_(True)
+    s = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
+    t = txt.clone().requires_grad_(True)
+    reference.contrastive_loss(i, t, s).backward()
+    logits = 3.0 * img_all @ txt.t()
+    row_lse, col_lse = torch.logsumexp(logits, 1), torch.logsumexp(logits, 0)
+    parts = [_C.contrastive_backward(img_all[a:a + 10].contiguous(), txt, 3.0, row_lse[a:a + 10].contiguous(),
+                                     col_lse, a, 1 / 60, 4) for a in (0, 10, 20)]
+    torch.testing.assert_close(torch.cat([p[0] for p in parts]), i.grad, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(sum(p[1] for p in parts), t.grad, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(sum(p[2] for p in parts), s.grad, rtol=1e-12, atol=1e-14)
+
+
+def test_boundary_checks_raise_one_clear_sentence():
+    img, txt = _rand(4, 8), _rand(4, 8)
+    lse = torch.zeros(4, dtype=torch.float64)
+    cases = [
+        (lambda: _C.contrastive_forward(img.int(), txt.int(), 1.0, 0), "float32 or float64"),
+        (lambda: _C.contrastive_forward(img, txt.double(), 1.0, 0), "same dtype"),
+        (lambda: _C.contrastive_forward(img[0], txt, 1.0, 0), "2-D"),
+        (lambda: _C.contrastive_forward(_rand(8, 4).t(), txt, 1.0, 0), "contiguous"),
+        (lambda: _C.contrastive_forward(img, _rand(4, 7), 1.0, 0), "same feature dimension"),
+        (lambda: _C.contrastive_forward(img, txt, float("nan"), 0), "finite"),
+        (lambda: _C.contrastive_forward(img, txt, 1.0, -1), "chunk_size"),
+        (lambda: _C.contrastive_backward(img, txt, 1.0, lse, lse, 1, 0.1, 0), "must pair with text rows"),
+        (lambda: _C.contrastive_backward(img, txt, 1.0, lse[:3], lse, 0, 0.1, 0), "row_lse must have shape"),
+        (lambda: _C.contrastive_backward(img, txt, 1.0, lse.float(), lse, 0, 0.1, 0), "dtype"),
+        (lambda: _C.chunked_topk(img, txt, 5, 0, 0), "k must be in"),
+        (lambda: _C.chunked_topk(img, txt.double(), 2, 0, 0), "share a dtype"),
+    ]
+    for call, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            call()
+
+
+@pytest.mark.parametrize(
+    "n, m, k, row_chunk, col_chunk",
+    [(1, 1, 1, 0, 0), (37, 129, 5, 8, 16), (37, 129, 20, 5, 7), (64, 300, 300, 0, 64), (10, 50, 3, 0, 0)],
+)
+def test_chunked_topk_matches_full_topk(n, m, k, row_chunk, col_chunk):
+    a, b = _rand(n, 16), _rand(m, 16, seed=1)
+    values, indices = _C.chunked_topk(a, b, k, row_chunk, col_chunk)
+    want_v, want_i = torch.topk(a.double() @ b.double().t(), k, dim=1)
+    assert indices.dtype == torch.int64 and values.shape == (n, k)
+    torch.testing.assert_close(values.double(), want_v, rtol=1e-5, atol=1e-5)
+    # random data has no ties: the same columns in the same order
+    assert torch.equal(indices, want_i)
+
+
+def test_auto_chunk_rows_keeps_a_chunk_near_the_target():
+    assert _C.auto_chunk_rows(8192, 8192, 4, 8 << 20) == 256
+    assert _C.auto_chunk_rows(10, 8192, 4, 8 << 20) == 10
+    assert _C.auto_chunk_rows(100, 10**9, 4, 8 << 20) == 1
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
+def test_cmake_build_produces_a_working_extension(tmp_path):
+    """Configure and build CMakeLists.txt into a temporary directory, then load the module and compare it
+    with the setup.py build (~1-2 min of compiling on the 2-core CI machine)."""
+    import pybind11
+
+    build = tmp_path / "build"
+    configure = [
+        "cmake", "-S", str(ROOT), "-B", str(build),
+        f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
+        f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+        f"-DPython_EXECUTABLE={sys.executable}",
+    ]
+    for cmd in (configure, ["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2)]):
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    built = list(build.glob("_C*.so"))
+    assert len(built) == 1, f"expected one _C*.so in {build}, found {built}"
+    script = textwrap.dedent(f"""
+        import importlib.util, torch
+        spec = importlib.util.spec_from_file_location("_C", {str(built[0])!r})
+        mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+        from clipforge import _C
+        a, b = torch.randn(33, 16), torch.randn(33, 16)
+        for x, y in zip(mod.contrastive_forward(a, b, 5.0, 4), _C.contrastive_forward(a, b, 5.0, 4)):
+            assert torch.equal(x, y)
+        v, i = mod.chunked_topk(a, b, 3, 4, 8)
+        assert torch.equal(i, torch.topk(a @ b.t(), 3, dim=1).indices)
+        print("ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
