@@ -1,0 +1,966 @@
+"""Training and evaluation data: webdataset shards -> (images, tokens) batches, DALI or PyTorch/Pillow.
+
+Interface (what the trainer uses)
+---------------------------------
+    loader = build_train_loader(cfg, rank, world_size, epoch, start_position, image_size, tokenizer)
+    for images, tokens in loader:      # images float32 (B, 3, S, S), CLIP-normalised; tokens int64 (B, 77)
+        ...
+    ckpt["data"] = loader.state_dict()  # {"epoch", "position", "seed", "world_size", "num_samples"}
+    loader.load_state_dict(ckpt["data"])  # before iterating: the rest of that epoch, not a restart
+    log(loader.log_dict())             # {"data/skipped/corrupt_image": 3, "data/runtime/...": 0, ...}
+
+    eval_loader = build_eval_loader(cfg, rank, world_size, image_size, tokenizer)  # resize + centre crop
+
+`cfg` is a `DataConfig` (or a dict of its fields). `cfg.backend` picks the implementation:
+"dali" (DALI pipeline; GPU decode with nvJPEG when CUDA is available, CPU otherwise), "pytorch"
+(DataLoader + Pillow, the fallback and the benchmark baseline), "synthetic" (in-memory, for tests:
+no files), or "auto" (DALI when it imports, else PyTorch). All of them share the same order, state
+and counters. One pass of `for batch in loader` runs the rest of the current epoch; at its end the
+loader moves to the next epoch (position 0), so `state_dict()` taken then resumes at the next epoch.
+`len(loader)` is the number of batches of a whole epoch on this rank. The position counts the samples
+already handed out (a batch counts once yielded). Images come on the GPU from DALI's "mixed" path and
+on the CPU otherwise (pinned when CUDA is present); tokens are CPU tensors.
+
+Order and sharding
+------------------
+Each epoch, the shard order is permuted with (seed, epoch) and the samples inside each shard with
+(seed, epoch, shard): the concatenation is the epoch's global sequence of N samples, and rank r
+reads the contiguous slice [r*N/W, (r+1)*N/W) of it, i.e. its own run of whole shards (cut at most
+inside its first and last shard). Every valid sample is delivered once per epoch across ranks and the
+ranks' sample counts differ by at most one (`drop_last=True` gives every rank floor((N // W) / B)
+batches, for lock-step data parallelism). The position is the number of samples of its slice a rank
+has delivered; resuming skips exactly those. DALI reads this order through per-epoch index files
+that list the rank's samples in order (DALI follows index order, subsets and repeats of a tar
+included), so its reader never shuffles and never needs a shuffle buffer (DALI's own shuffle buffer
+and shard_id/num_shards split would make exact resume impossible). Memory is O(shards): a shard's
+sample list is loaded when the rank reaches it. Augmentation randomness: the Pillow path draws each
+sample's crop from (seed, epoch, shard, sample), so a resumed run crops exactly as an uninterrupted
+one; DALI's pipeline seed is (seed, epoch, rank, position), so after a resume DALI sees the same
+samples in the same order with different crop draws.
+
+Bad samples (the robustness design)
+-----------------------------------
+1. `clipforge make-shards` validates every sample (Pillow verify + decode, JPEG marker walk, caption
+   UTF-8 and non-empty) and writes only RGB/gray baseline-or-progressive JPEGs; its stats.json marks
+   the shards validated, with their sizes. Such shards are read through their .idx files, unchecked.
+2. Shards NOT written by make-shards (any hand-made or downloaded tar) go through the same checks at
+   read time, once: a thread pool validates each sample, odd-but-decodable images (CMYK, 16-bit,
+   alpha, PNG, EXIF-rotated ...) are re-encoded as RGB JPEGs into a repair tar in `cfg.cache_dir`,
+   and the list of usable samples plus the skip counts are cached there (keyed by path, size and
+   mtime). Both backends then see the same byte streams.
+3. At run time a DALI decode error fails only its batch (DALI 2.4's pipeline carries on with the next
+   batch: checked by hand on truncated and corrupt JPEGs, and by a fault-injection test); that batch is decoded again with Pillow, samples Pillow cannot decode either are
+   dropped from it and counted, and training goes on. The PyTorch path drops and counts a sample
+   whose decode fails in a worker. Nothing is silent: every skip has a counter in `loader.stats`.
+
+Tokenisation
+------------
+Captions never enter DALI. Their offsets are in the sample list, so worker processes of a small
+DataLoader (`cfg.token_workers`, default 1) read and tokenize each batch's captions ahead of the
+image pipeline, off the trainer's thread and GIL; the PyTorch backend tokenizes in its decode workers.
+`clipforge.tokenize` runs ~40-70k captions/s in one process on this machine, against DALI's ~1k
+images/s here and ~7k/s on an A100 (benchmarks/bench_dataloader.py measures both), so one process
+keeps up; raise `token_workers` for several GPUs' worth of DALI in one process.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import shutil
+import tarfile
+import tempfile
+import warnings
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .shards import (CAPTION_EXT, DEFAULT_MAX_PIXELS, IMAGE_EXTS, STATS_FORMAT, STATS_NAME, check_caption,
+                     check_image, pil_to_rgb, read_index, scan_tar, split_name)
+
+# CLIP's normalisation (CLIP.md): the statistics of the OpenAI training images.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CACHE_VERSION = 1
+SOT, EOT = 49406, 49407
+
+
+@dataclass
+class DataConfig:
+    """Data settings (YAML key `data`). Sizes are per rank."""
+
+    shards: str | list[str] = ""  # folder of .tar, glob, "dir/{00000..00099}.tar", or a list of those
+    batch_size: int = 256
+    backend: str = "auto"  # auto | dali | pytorch | synthetic
+    num_threads: int = 4  # DALI CPU threads, or PyTorch DataLoader decode workers
+    token_workers: int = 1  # DALI backend: processes tokenizing captions ahead (0: in the trainer's thread)
+    seed: int = 0
+    shuffle: bool = True  # training order; evaluation never shuffles
+    drop_last: bool = False
+    random_area: tuple[float, float] = (0.9, 1.0)  # OpenCLIP's RandomResizedCrop scale
+    random_aspect_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    cache_dir: str | None = None  # read-time validation cache (default ~/.cache/clipforge/shards)
+    prefetch: int = 2  # batches prepared ahead
+    device: str | None = None  # where DALI decodes / the PyTorch path pins: None = cuda if available
+    synthetic_samples: int = 1024
+    synthetic_classes: int = 16
+
+    @classmethod
+    def from_dict(cls, data) -> "DataConfig":
+        if isinstance(data, cls):
+            return data
+        from .config import dataclass_from_dict
+
+        return dataclass_from_dict(cls, data, "data")
+
+
+class DataError(ValueError):
+    """The shards cannot be used as configured; the message names the file or key."""
+
+
+# --------------------------------------------------------------------------------------------
+# Catalog: the usable samples of every shard, validated at make-shards time or read time
+# --------------------------------------------------------------------------------------------
+
+_SAMPLE_DTYPE = np.dtype([("img_file", np.int8), ("img_off", np.int64), ("img_size", np.int64),
+                          ("txt_off", np.int64), ("txt_size", np.int64)])
+
+
+@dataclass
+class ShardSamples:
+    """Usable samples of one shard. files[0] is the shard, files[1] (if any) its repair tar."""
+
+    files: list[str]
+    keys: list[str]
+    img_names: list[str]
+    table: np.ndarray  # _SAMPLE_DTYPE, one row per usable sample
+
+    def __len__(self):
+        return len(self.keys)
+
+
+@dataclass
+class ShardRef:
+    """One shard as the catalog keeps it: its sample count, and where to load its sample list from."""
+
+    path: str
+    count: int
+    source: str  # "index": make-shards' .idx; else the read-time validation cache file
+    samples: ShardSamples | None = None  # kept in memory only for in-memory data (synthetic)
+
+
+class Catalog:
+    """Per-shard sample counts for every shard; a shard's sample list is loaded when a rank reads it.
+
+    Memory is O(shards) for the whole data set plus O(a few shards) per process, whatever the size:
+    41k LAION shards of 10k samples cost ~4 MB here, not the ~20 GB of 400M sample records.
+    """
+
+    CACHE_SHARDS = 4
+
+    def __init__(self, refs: list[ShardRef], skipped=None, repaired=None, skipped_at_make_shards=None):
+        self.refs = refs
+        self.skipped = Counter(skipped or {})  # read-time validation, data-set wide
+        self.repaired = Counter(repaired or {})
+        self.skipped_at_make_shards = Counter(skipped_at_make_shards or {})
+        self._pid, self._cache = None, {}
+
+    @property
+    def counts(self) -> np.ndarray:
+        return np.array([r.count for r in self.refs], dtype=np.int64)
+
+    def shard(self, i: int) -> ShardSamples:
+        """The usable samples of shard i (small per-process LRU cache; fork-safe)."""
+        ref = self.refs[i]
+        if ref.samples is not None:
+            return ref.samples
+        if self._pid != os.getpid():
+            self._pid, self._cache = os.getpid(), {}
+        hit = self._cache.pop(i, None)
+        if hit is None:
+            hit = _from_index(ref.path) if ref.source == "index" else _load_validated(ref.source, ref.path)
+            if len(hit) != ref.count:
+                raise DataError(f"shard {ref.path} now lists {len(hit)} samples, {ref.count} when the run started: "
+                                f"the data changed under a running job")
+        self._cache[i] = hit
+        while len(self._cache) > self.CACHE_SHARDS:
+            self._cache.pop(next(iter(self._cache)))
+        return hit
+
+
+def expand_shards(spec) -> list[str]:
+    """Shard paths from a folder, a glob, a brace range "{00000..00012}", or a list of those."""
+    import glob
+    import re
+
+    if isinstance(spec, (list, tuple)):
+        return [p for s in spec for p in expand_shards(s)]
+    spec = os.path.expanduser(str(spec))
+    if not spec:
+        raise DataError("data.shards is empty: give a folder of .tar shards, a glob or a list of paths")
+    if os.path.isdir(spec):
+        paths = sorted(os.path.join(spec, n) for n in os.listdir(spec) if n.endswith(".tar"))
+    else:
+        m = re.search(r"\{(\d+)\.\.(\d+)\}", spec)
+        if m:
+            a, b = m.group(1), m.group(2)
+            paths = [spec[:m.start()] + str(i).zfill(len(a)) + spec[m.end():] for i in range(int(a), int(b) + 1)]
+            paths = [p for s in paths for p in expand_shards(s)]
+        elif any(c in spec for c in "*?["):
+            paths = sorted(glob.glob(spec))
+        else:
+            paths = [spec]
+    for p in paths:
+        if not os.path.isfile(p):
+            raise DataError(f"shard {p} does not exist (data.shards = {spec!r})")
+    if not paths:
+        raise DataError(f"data.shards = {spec!r} matches no .tar file")
+    return paths
+
+
+def _trusted(path: str, stats_cache: dict) -> dict | None:
+    """make-shards' stats.json entry for this shard if it vouches for it (same size), else None."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if folder not in stats_cache:
+        stats = None
+        try:
+            with open(os.path.join(folder, STATS_NAME)) as f:
+                stats = json.load(f)
+            if stats.get("format") != STATS_FORMAT or not stats.get("validated"):
+                stats = None
+            else:
+                stats["by_name"] = {e["name"]: e for e in stats["shards"]}
+        except (OSError, ValueError, KeyError, TypeError):
+            stats = None
+        stats_cache[folder] = stats
+    stats = stats_cache[folder]
+    entry = stats["by_name"].get(os.path.basename(path)) if stats else None
+    if entry is None or entry["bytes"] != os.path.getsize(path):
+        return None
+    return entry if os.path.isfile(os.path.splitext(path)[0] + ".idx") else None
+
+
+def _from_index(path: str) -> ShardSamples:
+    idx = os.path.splitext(path)[0] + ".idx"
+    keys, names, rows = [], [], []
+    for comps in read_index(idx):
+        by_ext = {ext: (off, size, name) for ext, off, size, name in comps}
+        img = by_ext.get("jpg")
+        txt = by_ext.get(CAPTION_EXT)
+        if img is None or txt is None:
+            raise DataError(f"{idx} lists a sample without .jpg or .txt ({comps[0][3]}); the shard was "
+                            f"modified after make-shards: rebuild it")
+        keys.append(split_name(img[2])[0] if img[2] else str(len(keys)))
+        names.append(img[2])
+        rows.append((0, img[0], img[1], txt[0], txt[1]))
+    return ShardSamples([path], keys, names, np.array(rows, dtype=_SAMPLE_DTYPE))
+
+
+def _pread(fd: int, offset: int, size: int) -> bytes:
+    data = os.pread(fd, size, offset)
+    if len(data) != size:
+        raise OSError(f"short read: {len(data)} of {size} bytes at offset {offset}")
+    return data
+
+
+def _cache_paths(path: str, cache_dir: str) -> tuple[str, str]:
+    tag = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:16]
+    base = os.path.join(cache_dir, f"{os.path.splitext(os.path.basename(path))[0]}-{tag}")
+    return base + ".json", base + ".repair.tar"
+
+
+def _load_validated(meta_path: str, path: str) -> ShardSamples:
+    with open(meta_path) as f:
+        meta = json.load(f)
+    files = [path] + ([meta_path[:-5] + ".repair.tar"] if meta["repaired_total"] else [])
+    rows = [tuple(r[2:]) for r in meta["samples"]]
+    return ShardSamples(files, [r[0] for r in meta["samples"]], [r[1] for r in meta["samples"]],
+                        np.array(rows, dtype=_SAMPLE_DTYPE).reshape(-1))
+
+
+def _validate_shard(path: str, cache_dir: str, max_pixels: int, threads: int):
+    """Read-time guard for a shard make-shards did not write.
+
+    Returns (cache file, usable sample count, skipped, repaired); the sample list is in the cache file.
+    """
+    st = os.stat(path)
+    meta_path, repair_path = _cache_paths(path, cache_dir)
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if (meta["version"] == CACHE_VERSION and meta["size"] == st.st_size and meta["mtime_ns"] == st.st_mtime_ns
+                and meta["max_pixels"] == max_pixels):
+            return meta_path, len(meta["samples"]), Counter(meta["skipped"]), Counter(meta["repaired"])
+    except (OSError, ValueError, KeyError):
+        pass
+
+    try:
+        samples = scan_tar(path)
+    except tarfile.TarError as exc:
+        raise DataError(f"shard {path} is not a readable tar file ({exc}); remove it from data.shards") from exc
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        def check(sample):
+            key, comps = sample
+            img_ext = next((e for e in IMAGE_EXTS if e in comps), None)
+            if img_ext is None:
+                img_ext = next((e for e in comps if e.lower() in IMAGE_EXTS), None)
+            txt = comps.get(CAPTION_EXT)
+            caption, reason = check_caption(None if txt is None else _pread(fd, txt[0], txt[1]))
+            if reason:
+                return key, None, reason, None
+            if img_ext is None:
+                return key, None, "missing_image", None
+            off, size, name = comps[img_ext]
+            chk = check_image(_pread(fd, off, size), max_pixels=max_pixels)
+            return key, (img_ext, off, size, name, txt), chk.reason, chk
+
+        with ThreadPoolExecutor(max(1, threads)) as pool:  # Pillow decodes without the GIL
+            results = list(pool.map(check, samples))
+    finally:
+        os.close(fd)
+
+    skipped, repaired = Counter(), Counter()
+    keys, names, rows = [], [], []
+    tmp_repair = f"{repair_path}.tmp{os.getpid()}"
+    repair_tar = None
+    for key, img, reason, chk in results:
+        if reason:
+            skipped[reason] += 1
+            continue
+        img_ext, off, size, name, txt = img
+        if chk.repaired:
+            for r in chk.repaired.split("+"):
+                repaired[r] += 1
+            if repair_tar is None:
+                repair_tar = tarfile.open(tmp_repair, "w", format=tarfile.GNU_FORMAT)
+            info = tarfile.TarInfo(f"{key}.jpg")
+            info.size = len(chk.data)
+            repair_tar.addfile(info, io.BytesIO(chk.data))
+            row = (1, -1, len(chk.data), txt[0], txt[1])  # data offset filled in below
+            name = info.name
+        else:
+            row = (0, off, size, txt[0], txt[1])
+        keys.append(key)
+        names.append(name)
+        rows.append(row)
+    if repair_tar is not None:
+        repair_tar.close()
+        os.replace(tmp_repair, repair_path)
+        offsets = {comps["jpg"][2]: comps["jpg"][0] for _, comps in scan_tar(repair_path)}
+        rows = [(r[0], offsets[n] if r[0] == 1 else r[1], *r[2:]) for r, n in zip(rows, names)]
+    meta = {"version": CACHE_VERSION, "shard": os.path.abspath(path), "size": st.st_size,
+            "mtime_ns": st.st_mtime_ns, "max_pixels": max_pixels, "skipped": dict(skipped),
+            "repaired": dict(repaired), "repaired_total": int(repair_tar is not None),
+            "samples": [[k, n, *map(int, r)] for k, n, r in zip(keys, names, rows)]}
+    tmp = f"{meta_path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(meta, f)
+    os.replace(tmp, meta_path)
+    return meta_path, len(keys), skipped, repaired
+
+
+def build_catalog(spec, *, cache_dir: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, threads: int = 2,
+                  rank: int = 0, world_size: int = 1) -> Catalog:
+    """Sample counts of every shard (same result on every rank; read-time checks are cached)."""
+    paths = expand_shards(spec)
+    cache_dir = cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
+                                          "clipforge", "shards")
+    refs: list[ShardRef | None] = [None] * len(paths)
+    skipped, repaired, at_make_shards = Counter(), Counter(), Counter()
+    stats_cache: dict = {}
+    untrusted = []
+    for i, p in enumerate(paths):
+        entry = _trusted(p, stats_cache)
+        if entry is not None:
+            refs[i] = ShardRef(p, int(entry["count"]), "index")
+        else:
+            untrusted.append(i)
+    for stats in stats_cache.values():
+        if stats:
+            at_make_shards.update(stats.get("skipped", {}))
+    if untrusted:
+        os.makedirs(cache_dir, exist_ok=True)
+        # Start at a rank-dependent shard so that ranks validating at the same time mostly split the
+        # work (each finds the others' results in the shared cache).
+        k = (rank * len(untrusted)) // max(1, world_size)
+        for i in untrusted[k:] + untrusted[:k]:
+            meta_path, count, sk, rp = _validate_shard(paths[i], cache_dir, max_pixels, threads)
+            refs[i] = ShardRef(paths[i], count, meta_path)
+            skipped.update(sk)
+            repaired.update(rp)
+    cat = Catalog(refs, skipped, repaired, at_make_shards)
+    if int(cat.counts.sum()) == 0:
+        raise DataError(f"no usable sample in data.shards = {spec!r} (skipped: {dict(cat.skipped)})")
+    return cat
+
+
+# --------------------------------------------------------------------------------------------
+# Order: per-epoch permutation, contiguous rank slices, resume
+# --------------------------------------------------------------------------------------------
+
+def shard_permutation(count: int, *, seed: int, epoch: int, shard: int, shuffle: bool) -> np.ndarray:
+    """Order of one shard's samples in an epoch (the same on every rank)."""
+    if not shuffle:
+        return np.arange(count)
+    return np.random.default_rng([seed, epoch, shard]).permutation(count)
+
+
+def rank_segments(counts, *, seed: int, epoch: int, rank: int, world_size: int,
+                  shuffle: bool) -> list[tuple[int, int, int]]:
+    """Rank's share of an epoch as (shard, lo, hi): samples shard_permutation(shard)[lo:hi], in order.
+
+    The epoch's sequence is the shards in a (seed, epoch) permutation, each in its own permutation;
+    rank r takes the contiguous slice [r*N/W, (r+1)*N/W) of it: O(shards) memory, whatever N.
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    if not 0 <= rank < world_size:
+        raise DataError(f"rank {rank} is outside world size {world_size}")
+    order = np.random.default_rng([seed, epoch]).permutation(len(counts)) if shuffle else np.arange(len(counts))
+    ends = np.cumsum(counts[order])
+    starts = ends - counts[order]
+    total = int(ends[-1]) if len(ends) else 0
+    lo, hi = rank * total // world_size, (rank + 1) * total // world_size
+    return [(int(o), int(max(lo, s) - s), int(min(hi, e) - s)) for o, s, e in zip(order, starts, ends)
+            if e > lo and s < hi and e > s]
+
+
+def rank_slice(counts, *, seed: int, epoch: int, rank: int, world_size: int, shuffle: bool):
+    """(shard index, sample index) arrays of rank's share of the epoch, in delivery order (small data sets)."""
+    segs = rank_segments(counts, seed=seed, epoch=epoch, rank=rank, world_size=world_size, shuffle=shuffle)
+    if not segs:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    shard_idx = np.concatenate([np.full(hi - lo, o, dtype=np.int64) for o, lo, hi in segs])
+    sample_idx = np.concatenate([shard_permutation(int(counts[o]), seed=seed, epoch=epoch, shard=o,
+                                                   shuffle=shuffle)[lo:hi] for o, lo, hi in segs])
+    return shard_idx, sample_idx.astype(np.int64)
+
+
+# --------------------------------------------------------------------------------------------
+# Pillow transforms (the PyTorch backend, and DALI's per-batch fallback)
+# --------------------------------------------------------------------------------------------
+
+def random_resized_crop_box(width: int, height: int, rng: np.random.Generator, area=(0.9, 1.0),
+                            ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop.get_params: (left, top, right, bottom) in pixels."""
+    total = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = total * rng.uniform(area[0], area[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            x = int(rng.integers(0, width - w + 1))
+            y = int(rng.integers(0, height - h + 1))
+            return x, y, x + w, y + h
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    x, y = (width - w) // 2, (height - h) // 2
+    return x, y, x + w, y + h
+
+
+def pil_decode(data: bytes):
+    """JPEG/any bytes -> RGB Pillow image, EXIF orientation applied (as DALI's decoder does)."""
+    from PIL import Image, ImageOps
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        im = Image.open(io.BytesIO(data))
+        im.load()
+    if im.format == "JPEG" and 0x0112 in im.getexif():
+        im = ImageOps.exif_transpose(im)
+    return pil_to_rgb(im)
+
+
+def pil_transform(im, size: int, *, train: bool, rng: np.random.Generator | None = None, area=(0.9, 1.0),
+                  ratio=(3 / 4, 4 / 3)) -> np.ndarray:
+    """RGB image -> uint8 (size, size, 3): random resized crop (train) or shorter-side resize + centre crop."""
+    from PIL import Image
+
+    w, h = im.size
+    if train:
+        box = random_resized_crop_box(w, h, rng, area, ratio)
+        out = im.resize((size, size), Image.BICUBIC, box=box)
+    else:
+        # Same geometry as DALI's resize(resize_shorter) + crop_mirror_normalize(crop): the longer
+        # side and the centre offset round half up (checked against DALI's output).
+        s = size / min(w, h)
+        nw, nh = max(size, math.floor(w * s + 0.5)), max(size, math.floor(h * s + 0.5))
+        left, top = math.floor((nw - size) / 2 + 0.5), math.floor((nh - size) / 2 + 0.5)
+        sx, sy = nw / w, nh / h
+        # Resize and crop in one pass: the crop box mapped back to source pixels.
+        box = (left / sx, top / sy, (left + size) / sx, (top + size) / sy)
+        out = im.resize((size, size), Image.BICUBIC, box=box)
+    return np.asarray(out, dtype=np.uint8)
+
+
+def normalize_uint8(batch: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float32 (B, 3, H, W), CLIP mean/std."""
+    x = batch.permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return x.sub_(mean).div_(std)
+
+
+# --------------------------------------------------------------------------------------------
+# Loaders
+# --------------------------------------------------------------------------------------------
+
+class _FileCache:
+    """Per-process read-only file descriptors (opened lazily, so fork-safe)."""
+
+    def __init__(self):
+        self.pid, self.fds = None, {}
+
+    def read(self, path: str, offset: int, size: int) -> bytes:
+        if self.pid != os.getpid():
+            self.pid, self.fds = os.getpid(), {}
+        fd = self.fds.get(path)
+        if fd is None:
+            fd = self.fds[path] = os.open(path, os.O_RDONLY)
+        return _pread(fd, int(offset), int(size))
+
+
+class _EpochPlan:
+    """The rank's remaining samples of one epoch (from `start`), addressed by position i = 0 .. n-1."""
+
+    def __init__(self, catalog: Catalog, segments, *, seed: int, epoch: int, shuffle: bool, start: int,
+                 batch_size: int, n_batches: int):
+        self.catalog, self.segments = catalog, segments
+        self.seed, self.epoch, self.shuffle = seed, epoch, shuffle
+        self.cum = np.cumsum([hi - lo for _, lo, hi in segments], dtype=np.int64)
+        total = int(self.cum[-1]) if len(self.cum) else 0
+        self.batch_size, self.start = batch_size, start
+        self.n = max(0, total - start)
+        if n_batches >= 0:  # drop_last: the epoch ends after n_batches full batches
+            self.n = min(self.n, max(0, n_batches * batch_size - start))
+        self.files = _FileCache()
+        self._perms: dict = {}
+
+    def batch_range(self, b: int) -> range:
+        return range(b * self.batch_size, min((b + 1) * self.batch_size, self.n))
+
+    @property
+    def num_batches(self) -> int:
+        return math.ceil(self.n / self.batch_size)
+
+    def _perm(self, shard: int) -> np.ndarray:
+        perm = self._perms.get(shard)
+        if perm is None:
+            if len(self._perms) >= 4:
+                self._perms.pop(next(iter(self._perms)))
+            perm = self._perms[shard] = shard_permutation(int(self.catalog.refs[shard].count), seed=self.seed,
+                                                          epoch=self.epoch, shard=shard, shuffle=self.shuffle)
+        return perm
+
+    def locate(self, i: int) -> tuple[int, int]:
+        """(shard, sample) at position i."""
+        j = self.start + i
+        k = int(np.searchsorted(self.cum, j, side="right"))
+        shard, lo, _ = self.segments[k]
+        return shard, int(self._perm(shard)[lo + j - (int(self.cum[k - 1]) if k else 0)])
+
+    def runs(self):
+        """(shard, sample indices) of positions 0 .. n-1, in order, one shard at a time."""
+        skip, left = self.start, self.n
+        for shard, lo, hi in self.segments:
+            if left <= 0:
+                return
+            if skip >= hi - lo:
+                skip -= hi - lo
+                continue
+            part = self._perm(shard)[lo + skip: min(hi, lo + skip + left)]
+            skip, left = 0, left - len(part)
+            yield shard, part
+
+    def row(self, i: int):
+        shard, s = self.locate(i)
+        samples = self.catalog.shard(shard)
+        return samples, samples.table[s]
+
+    def image_bytes(self, i: int) -> bytes:
+        shard, r = self.row(i)
+        return self.files.read(shard.files[r["img_file"]], r["img_off"], r["img_size"])
+
+    def caption(self, i: int) -> str:
+        shard, r = self.row(i)
+        raw = self.files.read(shard.files[0], r["txt_off"], r["txt_size"])
+        return raw.decode("utf-8-sig", errors="replace").strip()
+
+    def key(self, i: int) -> str:
+        shard, s = self.locate(i)
+        return self.catalog.shard(shard).keys[s]
+
+    def rng(self, i: int) -> np.random.Generator:
+        """Per-sample augmentation randomness: the same whatever the worker, batch or resume point."""
+        shard, s = self.locate(i)
+        return np.random.default_rng([self.seed, self.epoch, shard, s, 7])
+
+
+def _tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
+    tokens = tokenizer(texts)
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.shape[0] != len(texts):
+        raise DataError("the tokenizer must return a (N, context_length) tensor for N captions")
+    return tokens.long()
+
+
+class _CaptionBatches(torch.utils.data.Dataset):
+    """Batch b -> (tokens, keys) of the plan's batch b: the DALI backend's caption side."""
+
+    def __init__(self, plan: _EpochPlan, tokenizer):
+        self.plan, self.tokenizer = plan, tokenizer
+
+    def __len__(self):
+        return self.plan.num_batches
+
+    def __getitem__(self, b):
+        idx = self.plan.batch_range(b)
+        return _tokenize(self.tokenizer, [self.plan.caption(i) for i in idx]), [self.plan.key(i) for i in idx]
+
+
+class _PillowBatches(torch.utils.data.Dataset):
+    """Batch b -> decoded, transformed, normalised batch b: the PyTorch backend."""
+
+    def __init__(self, plan: _EpochPlan, tokenizer, size: int, train: bool, seed: int, epoch: int, area, ratio):
+        self.plan, self.tokenizer, self.size, self.train = plan, tokenizer, size, train
+        self.seed, self.epoch, self.area, self.ratio = seed, epoch, area, ratio
+
+    def __len__(self):
+        return self.plan.num_batches
+
+    def decode(self, indices):
+        images, kept, errors = [], [], Counter()
+        for i in indices:
+            try:
+                im = pil_decode(self.plan.image_bytes(i))
+            except Exception:  # noqa: BLE001 - counted: data changed or validation missed it
+                errors["decode_error"] += 1
+                continue
+            rng = self.plan.rng(i) if self.train else None
+            images.append(pil_transform(im, self.size, train=self.train, rng=rng, area=self.area, ratio=self.ratio))
+            kept.append(i)
+        if images:
+            batch = normalize_uint8(torch.from_numpy(np.stack(images)))
+        else:
+            batch = torch.zeros(0, 3, self.size, self.size)
+        return batch, kept, errors
+
+    def __getitem__(self, b):
+        idx = list(self.plan.batch_range(b))
+        images, kept, errors = self.decode(idx)
+        tokens = (_tokenize(self.tokenizer, [self.plan.caption(i) for i in kept]) if kept
+                  else torch.zeros(0, 77, dtype=torch.long))
+        return images, tokens, [self.plan.key(i) for i in kept], len(idx), dict(errors)
+
+
+def _default_tokenizer():
+    import clipforge
+
+    return clipforge.tokenize
+
+
+class _Loader:
+    """Shared epoch/position/state/counters logic; subclasses implement `_batches(plan)`."""
+
+    backend = "base"
+
+    def __init__(self, cfg: DataConfig, rank: int, world_size: int, epoch: int, start_position: int,
+                 image_size: int, tokenizer, *, train: bool, with_keys: bool = False, catalog: Catalog | None = None):
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.epoch, self.position = int(epoch), int(start_position)
+        self.image_size, self.train, self.with_keys = int(image_size), train, with_keys
+        self.tokenizer = tokenizer if tokenizer is not None else _default_tokenizer()
+        self.catalog = catalog if catalog is not None else self._catalog()
+        self.runtime = Counter()
+        self.delivered = 0
+        if self.position < 0 or self.position > self.num_samples:
+            raise DataError(f"start position {self.position} is outside this rank's epoch of {self.num_samples} samples")
+
+    def _catalog(self) -> Catalog:
+        return build_catalog(self.cfg.shards, cache_dir=self.cfg.cache_dir, max_pixels=self.cfg.max_pixels,
+                             threads=self.cfg.num_threads, rank=self.rank, world_size=self.world_size)
+
+    # ---- order
+    @property
+    def total_samples(self) -> int:
+        return int(self.catalog.counts.sum())
+
+    @property
+    def num_samples(self) -> int:
+        """Samples of this rank's slice of an epoch."""
+        n = self.total_samples
+        return (self.rank + 1) * n // self.world_size - self.rank * n // self.world_size
+
+    def _epoch_batches(self) -> int:
+        if self.cfg.drop_last:
+            return (self.total_samples // self.world_size) // self.cfg.batch_size
+        return math.ceil(self.num_samples / self.cfg.batch_size)
+
+    def __len__(self) -> int:
+        return self._epoch_batches()
+
+    def _plan(self) -> _EpochPlan:
+        shuffle = self.train and self.cfg.shuffle
+        segments = rank_segments(self.catalog.counts, seed=self.cfg.seed, epoch=self.epoch, rank=self.rank,
+                                 world_size=self.world_size, shuffle=shuffle)
+        return _EpochPlan(self.catalog, segments, seed=self.cfg.seed, epoch=self.epoch, shuffle=shuffle,
+                          start=self.position, batch_size=self.cfg.batch_size,
+                          n_batches=self._epoch_batches() if self.cfg.drop_last else -1)
+
+    # ---- state
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.position = int(epoch), 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.cfg.seed,
+                "world_size": self.world_size, "num_samples": self.num_samples}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("world_size", self.world_size) != self.world_size:
+            raise DataError(f"the data position was saved with world size {state['world_size']} and cannot resume "
+                            f"mid-epoch at world size {self.world_size}; resume at the epoch start (position 0)")
+        if state.get("seed", self.cfg.seed) != self.cfg.seed:
+            raise DataError(f"the data position was saved with data.seed {state['seed']}, this run has "
+                            f"{self.cfg.seed}: set data.seed back to resume the same order")
+        if state.get("num_samples", self.num_samples) != self.num_samples:
+            raise DataError(f"the data position was saved over {state['num_samples']} samples per rank, the shards "
+                            f"now give {self.num_samples}: the data set changed, resume at the epoch start")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+    # ---- counters
+    @property
+    def stats(self) -> dict:
+        """Skip counters: dataset-wide validation counts, and this rank's run-time counts."""
+        return {"skipped": dict(self.catalog.skipped), "repaired": dict(self.catalog.repaired),
+                "skipped_at_make_shards": dict(self.catalog.skipped_at_make_shards),
+                "runtime": dict(self.runtime), "delivered": self.delivered}
+
+    def log_dict(self) -> dict:
+        out = {}
+        for group, values in self.stats.items():
+            if isinstance(values, dict):
+                out.update({f"data/{group}/{k}": v for k, v in values.items()})
+            else:
+                out[f"data/{group}"] = values
+        return out
+
+    # ---- iteration
+    def __iter__(self):
+        plan = self._plan()
+        for batch in self._batches(plan):
+            images, tokens, keys, consumed = batch
+            self.position += consumed
+            if len(keys) == 0:
+                continue
+            self.delivered += len(keys)
+            yield (images, tokens, keys) if self.with_keys else (images, tokens)
+        self.epoch, self.position = self.epoch + 1, 0
+
+    def _batches(self, plan):
+        raise NotImplementedError
+
+
+class PyTorchLoader(_Loader):
+    """DataLoader + Pillow: `num_threads` worker processes each decode, crop, normalise and tokenize whole batches."""
+
+    backend = "pytorch"
+
+    def _batches(self, plan):
+        ds = _PillowBatches(plan, self.tokenizer, self.image_size, self.train, self.cfg.seed, self.epoch,
+                            tuple(self.cfg.random_area), tuple(self.cfg.random_aspect_ratio))
+        workers = max(0, int(self.cfg.num_threads))
+        loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers,
+                                             prefetch_factor=self.cfg.prefetch if workers else None,
+                                             pin_memory=_device(self.cfg).type == "cuda")
+        for images, tokens, keys, consumed, errors in loader:
+            self.runtime.update(errors)
+            yield images, tokens, keys, consumed
+
+
+def _device(cfg: DataConfig) -> torch.device:
+    if cfg.device:
+        return torch.device(cfg.device)
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+class DaliLoader(_Loader):
+    """DALI: readers.webdataset (our per-epoch index) -> decoders.image -> crop/resize -> normalise."""
+
+    backend = "dali"
+
+    def _build(self, plan: _EpochPlan, tmpdir: str):
+        from nvidia.dali import fn, types
+        from nvidia.dali.pipeline import Pipeline
+
+        from .shards import write_index
+
+        # Runs of consecutive samples read from the same tar become one (tar, index) pair; DALI reads
+        # the pairs in order and each index in its listed order. One shard in memory at a time.
+        paths, indexes = [], []
+        for shard, idx in plan.runs():
+            samples = self.catalog.shard(shard)
+            rows = samples.table[idx]
+            cuts = np.flatnonzero(np.diff(rows["img_file"])) + 1
+            for part in np.split(np.arange(len(idx)), cuts):
+                r0 = rows[part[0]]
+                path = os.path.join(tmpdir, f"{len(indexes):06d}.idx")
+                write_index(path, ([("jpg", int(r["img_off"]), int(r["img_size"]), samples.img_names[s])]
+                                   for r, s in zip(rows[part], idx[part])))
+                paths.append(samples.files[r0["img_file"]])
+                indexes.append(path)
+
+        dev = _device(self.cfg)
+        gpu = dev.type == "cuda"
+        S = self.image_size
+        seed = int.from_bytes(hashlib.sha1(f"{self.cfg.seed}/{self.epoch}/{self.rank}/{self.position}".encode())
+                              .digest()[:4], "little") & 0x7FFFFFFF
+        device_id = None  # CPU-only pipeline (no GPU, or no driver): DALI wants None, not -1
+        if gpu:
+            device_id = dev.index if dev.index is not None else torch.cuda.current_device()
+        pipe = Pipeline(batch_size=self.cfg.batch_size, num_threads=max(1, self.cfg.num_threads), device_id=device_id,
+                        seed=seed, prefetch_queue_depth=self.cfg.prefetch)
+        with pipe:
+            jpegs = fn.readers.webdataset(paths=paths, index_paths=indexes, ext=["jpg"], random_shuffle=False,
+                                          missing_component_behavior="error", name="reader")
+            images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
+            if self.train:
+                images = fn.random_resized_crop(images, size=(S, S), random_area=list(self.cfg.random_area),
+                                                random_aspect_ratio=list(self.cfg.random_aspect_ratio),
+                                                interp_type=types.INTERP_CUBIC, antialias=True)
+                crop = None
+            else:
+                images = fn.resize(images, resize_shorter=S, interp_type=types.INTERP_CUBIC, antialias=True)
+                crop = (S, S)
+            images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", crop=crop,
+                                              mean=[255 * m for m in CLIP_MEAN], std=[255 * s for s in CLIP_STD])
+            pipe.set_outputs(images)
+        pipe.build()
+        return pipe
+
+    @staticmethod
+    def _to_torch(out) -> torch.Tensor:
+        from nvidia.dali.tensors import TensorGPU
+
+        tensor = out.as_tensor()
+        if isinstance(tensor, TensorGPU):  # DALI copies it into a new CUDA tensor on torch's stream
+            from nvidia.dali.plugin.pytorch.torch_utils import to_torch_tensor
+
+            return to_torch_tensor(tensor, copy=True)
+        # A copy, since DALI reuses its buffers; NumPy's is faster here than DALI's copy_to_external.
+        return torch.from_numpy(np.array(tensor))
+
+    def _captions(self, plan):
+        ds = _CaptionBatches(plan, self.tokenizer)
+        workers = max(0, int(self.cfg.token_workers))
+        return iter(torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers,
+                                                prefetch_factor=max(2, self.cfg.prefetch) if workers else None))
+
+    def _batches(self, plan):
+        if plan.n == 0:
+            return
+        # Caption workers fork before the DALI pipeline starts its threads.
+        captions = self._captions(plan)
+        tmpdir = tempfile.mkdtemp(prefix="clipforge-dali-")
+        fallback = None
+        pipe = None
+        try:
+            pipe = self._build(plan, tmpdir)
+            for b in range(plan.num_batches):
+                idx = plan.batch_range(b)
+                tokens, keys = next(captions)
+                try:
+                    (out,) = pipe.run()
+                    images = self._to_torch(out)[:len(idx)]
+                except Exception as exc:  # noqa: BLE001 - DALI raises RuntimeError for a bad batch
+                    # Only this batch is lost inside DALI (its pipeline carries on with the next):
+                    # decode it again with Pillow, dropping what Pillow cannot decode either.
+                    self.runtime["dali_failed_batches"] += 1
+                    if self.runtime["dali_failed_batches"] == 1:
+                        warnings.warn(f"DALI failed on a batch ({str(exc).splitlines()[-1][:200]}); decoding it with "
+                                      f"Pillow instead. Counted in loader.stats['runtime'].", RuntimeWarning)
+                    if fallback is None:
+                        fallback = _PillowBatches(plan, None, self.image_size, self.train, self.cfg.seed, self.epoch,
+                                                  tuple(self.cfg.random_area), tuple(self.cfg.random_aspect_ratio))
+                    images, kept, errors = fallback.decode(list(idx))
+                    self.runtime.update(errors)
+                    self.runtime["fallback_decoded"] += len(kept)
+                    keep = [j - idx.start for j in kept]
+                    tokens, keys = tokens[keep], [keys[j] for j in keep]
+                    images = images.to(_device(self.cfg))
+                yield images, tokens, keys, len(idx)
+        finally:
+            del pipe
+            shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+class SyntheticLoader(_Loader):
+    """In-memory data for tests: class c = sample % synthetic_classes gives a fixed image pattern
+    (plus noise) and the caption [SOT, 1000 + c, EOT], so a model can learn to match them."""
+
+    backend = "synthetic"
+
+    def _catalog(self) -> Catalog:
+        n = int(self.cfg.synthetic_samples)
+        if n < 1:
+            raise DataError(f"data.synthetic_samples must be positive, got {n}")
+        samples = ShardSamples(["<synthetic>"], [f"synthetic{i:08d}" for i in range(n)], [""] * n,
+                               np.zeros(n, dtype=_SAMPLE_DTYPE))
+        return Catalog([ShardRef("<synthetic>", n, "memory", samples)])
+
+    def _batches(self, plan):
+        S, C = self.image_size, int(self.cfg.synthetic_classes)
+        g = torch.Generator().manual_seed(self.cfg.seed)
+        patterns = torch.randn(C, 3, S, S, generator=g)
+        for b in range(plan.num_batches):
+            idx = plan.batch_range(b)
+            ids = np.array([plan.locate(i)[1] for i in idx], dtype=np.int64)
+            cls = torch.from_numpy(ids % C)
+            noise = torch.stack([torch.randn(3, S, S, generator=torch.Generator().manual_seed(
+                int(self.cfg.seed) * 1_000_003 + int(i) * 7 + self.epoch)) for i in ids])
+            images = patterns[cls] + 0.5 * noise
+            tokens = torch.zeros(len(ids), 77, dtype=torch.long)
+            tokens[:, 0], tokens[:, 1], tokens[:, 2] = SOT, 1000 + cls, EOT
+            yield images, tokens, [plan.key(i) for i in idx], len(idx)
+
+
+_BACKENDS = {"dali": DaliLoader, "pytorch": PyTorchLoader, "synthetic": SyntheticLoader}
+
+
+def _backend(name: str):
+    if name == "auto":
+        try:
+            import nvidia.dali  # noqa: F401
+        except ImportError:
+            return PyTorchLoader
+        return DaliLoader
+    if name not in _BACKENDS:
+        raise DataError(f"data.backend = {name!r} is not one of auto, dali, pytorch, synthetic")
+    return _BACKENDS[name]
+
+
+def build_train_loader(cfg, rank: int = 0, world_size: int = 1, epoch: int = 0, start_position: int = 0,
+                       image_size: int = 224, tokenizer=None, *, with_keys: bool = False, catalog: Catalog | None = None):
+    """Training batches for this rank: (images float32 (B, 3, S, S), tokens int64 (B, 77)), see the module doc."""
+    cfg = DataConfig.from_dict(cfg)
+    return _backend(cfg.backend)(cfg, rank, world_size, epoch, start_position, image_size, tokenizer, train=True,
+                                 with_keys=with_keys, catalog=catalog)
+
+
+def build_eval_loader(cfg, rank: int = 0, world_size: int = 1, image_size: int = 224, tokenizer=None, *,
+                      with_keys: bool = False, catalog: Catalog | None = None):
+    """Evaluation batches: shorter-side bicubic resize + centre crop, file order, each sample once across ranks."""
+    cfg = DataConfig.from_dict(cfg)
+    return _backend(cfg.backend)(cfg, rank, world_size, 0, 0, image_size, tokenizer, train=False,
+                                 with_keys=with_keys, catalog=catalog)
