@@ -1,0 +1,133 @@
+"""Training checkpoints: a DeepSpeed checkpoint plus the trainer's own state, written atomically.
+
+Layout of a checkpoint directory `<dir>/step_000123/`:
+    ds/                      DeepSpeed's files (model, ZeRO partitions, optimizer, LR schedule)
+    trainer_rank{r}.pt       each rank's trainer state: step, samples seen, data position, RNG states
+    COMPLETE                 written last, holds the step; a directory without it is never resumed from
+
+Atomicity: every rank writes into `<dir>/.tmp-step_000123/`; after a barrier rank 0 writes COMPLETE and
+renames the directory to its final name (a rename within one directory is atomic on POSIX file
+systems). A crash mid-write therefore leaves a `.tmp-*` directory that `find_latest` ignores (and the
+next save removes), and the previous checkpoint stays intact. Only the last `keep_last` are kept.
+As for DeepSpeed's own checkpoints, the directory must be on a file system every rank sees.
+
+The trainer state is plain tensors, numbers and lists, saved with torch.save and read back with
+`torch.load(weights_only=True)`: loading it never runs pickled code.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+
+import torch
+
+COMPLETE = "COMPLETE"
+DS_TAG = "ds"
+_NAME = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint to resume from is missing, incomplete or unreadable."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def tmp_path(directory: str, step: int) -> str:
+    return os.path.join(directory, f".tmp-{checkpoint_name(step)}")
+
+
+def trainer_state_path(path: str, rank: int) -> str:
+    return os.path.join(path, f"trainer_rank{rank}.pt")
+
+
+def is_complete(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, COMPLETE))
+
+
+def list_complete(directory: str) -> list[tuple[int, str]]:
+    """(step, path) of the complete checkpoints in `directory`, oldest first."""
+    if not os.path.isdir(directory):
+        return []
+    found = []
+    for name in os.listdir(directory):
+        m = _NAME.match(name)
+        path = os.path.join(directory, name)
+        if m and os.path.isdir(path) and is_complete(path):
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def find_latest(directory: str) -> str | None:
+    """The newest complete checkpoint in `directory`, or None when there is none."""
+    done = list_complete(directory)
+    return done[-1][1] if done else None
+
+
+def resolve_resume(resume: str | None, directory: str) -> str | None:
+    """`--resume auto` -> the newest complete checkpoint (None to start fresh); a path -> that checkpoint."""
+    if not resume:
+        return None
+    if resume == "auto":
+        return find_latest(directory)
+    path = resume
+    if os.path.isdir(path) and not is_complete(path):
+        # a checkpoint directory given by path must be complete; a parent directory means "its newest"
+        latest = find_latest(path)
+        if latest is None:
+            raise CheckpointError(
+                f"--resume {path}: neither a complete checkpoint (no {COMPLETE} marker: its write was "
+                "interrupted) nor a directory holding one; pass another checkpoint or --resume auto"
+            )
+        return latest
+    if not os.path.isdir(path):
+        raise CheckpointError(f"--resume {path}: no such checkpoint directory")
+    return path
+
+
+def prepare_tmp(directory: str, step: int, rank: int) -> str:
+    """Rank 0 clears a stale temp dir of the same step; every rank gets its path (call barrier after)."""
+    path = tmp_path(directory, step)
+    if rank == 0:
+        os.makedirs(directory, exist_ok=True)
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.makedirs(path)
+    return path
+
+
+def save_trainer_state(path: str, rank: int, state: dict) -> None:
+    target = trainer_state_path(path, rank)
+    torch.save(state, target + ".part")
+    os.replace(target + ".part", target)
+
+
+def load_trainer_state(path: str, rank: int) -> dict:
+    target = trainer_state_path(path, rank)
+    if not os.path.isfile(target):
+        raise CheckpointError(
+            f"{path} has no trainer state for rank {rank} ({os.path.basename(target)}): it was written by a run "
+            "with fewer ranks; resume with the same number of ranks"
+        )
+    return torch.load(target, map_location="cpu", weights_only=True)
+
+
+def finalize(directory: str, step: int, keep_last: int) -> str:
+    """Rank 0 only, after every rank has written: mark complete, rename into place, prune old ones."""
+    src = tmp_path(directory, step)
+    dst = os.path.join(directory, checkpoint_name(step))
+    with open(os.path.join(src, COMPLETE), "w") as f:
+        f.write(f"{step}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    if os.path.exists(dst):  # the same step saved twice (e.g. final save right after a periodic one)
+        shutil.rmtree(dst)
+    os.rename(src, dst)
+    for _, old in list_complete(directory)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    for name in os.listdir(directory):  # leftovers of interrupted writes of earlier steps
+        if name.startswith(".tmp-") and name != os.path.basename(src):
+            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+    return dst

@@ -1,0 +1,270 @@
+"""Train a CLIP model: `python -m clipforge.train --config run.yaml` (one process) or
+`deepspeed --num_gpus N --module clipforge.train --config run.yaml` (N ranks; gloo on CPU).
+
+Also the `clipforge train` sub-command (`add_arguments` / `run`), and `main(argv)` for tests.
+Each run writes into its output directory: config.yaml (the resolved config), deepspeed_config.json,
+metrics.jsonl (one JSON object per step), tensorboard/, checkpoints/, model.safetensors (the final
+weights, readable by `clipforge.load`) and loss_curve.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import socket
+import sys
+
+import torch.distributed as dist
+
+from .train_config import ConfigError, TrainConfig
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="run config (YAML); omitted: the defaults (tiny CPU run)")
+    parser.add_argument("--max-steps", type=int, default=None, help="override max_steps")
+    parser.add_argument("--output-dir", default=None, help="override output_dir")
+    parser.add_argument("--resume", default=None, metavar="auto|PATH",
+                        help="'auto': continue from the newest complete checkpoint, if any; or a checkpoint path")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY.SUB=VALUE",
+                        help="override any config key (repeatable), e.g. --set optimizer.lr=1e-4")
+    # the deepspeed launcher passes --local_rank (LOCAL_RANK is also in the environment)
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="clipforge.train", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def build_config(args) -> TrainConfig:
+    cfg = TrainConfig.load(args.config, args.set)
+    if args.max_steps is not None:
+        cfg.max_steps = args.max_steps
+    if args.output_dir is not None:
+        cfg.output_dir = args.output_dir
+    cfg.check()
+    return cfg
+
+
+def run(args) -> int:
+    try:
+        cfg = build_config(args)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"clipforge train: {exc}", file=sys.stderr)
+        return 2
+    init_distributed()
+    from .checkpoint import CheckpointError
+
+    try:
+        cfg.validate(dist.get_world_size())
+        return train(cfg, resume=args.resume)
+    except (ConfigError, CheckpointError) as exc:
+        print(f"clipforge train: {exc}", file=sys.stderr)
+        return 2
+
+
+# ------------------------------------------------------------------------------ distributed
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> None:
+    """Join the launcher's process group (RANK/WORLD_SIZE/MASTER_* in the environment), or make a
+    one-process group; gloo on CPU, the accelerator's backend (NCCL) on GPUs. Idempotent."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    accel = get_accelerator()
+    if accel.device_name() == "cpu":
+        backend = "gloo"
+    else:
+        accel.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        backend = accel.communication_backend_name()
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+
+
+# --------------------------------------------------------------------------------- logging
+class RunLog:
+    """metrics.jsonl, TensorBoard and the progress bar; only rank 0 writes."""
+
+    def __init__(self, cfg: TrainConfig, start_step: int, enabled: bool):
+        self.enabled = enabled
+        self.path = os.path.join(cfg.output_dir, "metrics.jsonl")
+        self.writer = self.bar = self.file = None
+        if not enabled:
+            return
+        # a resumed run replays the steps after its checkpoint: drop their old lines
+        kept = []
+        if start_step > 0 and os.path.exists(self.path):
+            with open(self.path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
+        self.file = open(self.path, "w")
+        self.file.writelines(kept)
+        self.file.flush()
+        if cfg.logging.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(cfg.output_dir, "tensorboard"), purge_step=start_step + 1)
+        if cfg.logging.progress_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=cfg.max_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def write(self, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(metrics) + "\n")
+        self.file.flush()
+        step = metrics["step"]
+        if self.writer is not None:
+            for key, value in metrics.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    if math.isfinite(value):
+                        self.writer.add_scalar(f"train/{key}" if not key.startswith("eval") else key, value, step)
+        if self.bar is not None:
+            loss = metrics["loss"]
+            post = {
+                "samples/s": f"{metrics['samples_per_s']:.0f}",
+                "loss": "skipped" if loss is None else f"{loss:.4f}",
+                "lr": f"{metrics['lr']:.2e}",
+                "scale": f"{metrics['logit_scale']:.2f}",
+            }
+            if metrics.get("loss_scale") is not None:
+                post["loss_scale"] = f"{metrics['loss_scale']:.0f}"
+            self.bar.set_postfix(post, refresh=False)
+            self.bar.update(1)
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            (self.bar.write if self.bar is not None else print)(text)
+
+    def close(self) -> None:
+        for item in (self.bar, self.writer, self.file):
+            if item is not None:
+                item.close()
+
+
+def plot_loss_curve(metrics_path: str, png_path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, losses = [], []
+    with open(metrics_path) as f:
+        for line in f:
+            row = json.loads(line)
+            if row.get("loss") is not None:
+                steps.append(row["step"])
+                losses.append(row["loss"])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(steps, losses)
+    ax.set_xlabel("step")
+    ax.set_ylabel("contrastive loss")
+    ax.set_title("training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------- the run
+def save(trainer, cfg: TrainConfig) -> str | None:
+    """Write a checkpoint atomically (all ranks call this); returns its path on rank 0."""
+    from . import checkpoint
+
+    directory = cfg.checkpoint_dir
+    tmp = checkpoint.prepare_tmp(directory, trainer.step, trainer.rank)
+    dist.barrier()
+    trainer.save_checkpoint(tmp)
+    dist.barrier()
+    final = None
+    if trainer.rank == 0:
+        final = checkpoint.finalize(directory, trainer.step, cfg.checkpointing.keep_last)
+    dist.barrier()
+    return final
+
+
+def train(cfg: TrainConfig, resume: str | None = None, grad_hook=None) -> int:
+    """Run training to cfg.max_steps; returns the exit status (0 done, 1 stopped on non-finite losses).
+
+    `grad_hook(trainer)`, if given, runs every step between the last backward and the optimizer step
+    (see `Trainer.grad_hook`)."""
+    from . import checkpoint
+    from .trainer import NonFiniteLossError, Trainer
+
+    rank = dist.get_rank()
+    if rank == 0:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        _write_resolved_config(cfg, dist.get_world_size())
+    dist.barrier()
+    resume_path = checkpoint.resolve_resume(resume, cfg.checkpoint_dir)
+    trainer = Trainer(cfg)
+    trainer.grad_hook = grad_hook
+    if resume_path is not None:
+        trainer.load_checkpoint(resume_path)
+    log = RunLog(cfg, trainer.step, enabled=rank == 0)
+    if resume_path is not None:
+        log.message(f"resumed from {resume_path} at step {trainer.step}")
+    elif resume == "auto":
+        log.message(f"--resume auto: no complete checkpoint in {cfg.checkpoint_dir}, starting fresh")
+    last_saved = trainer.step if resume_path is not None else None
+    status = 0
+    try:
+        while trainer.step < cfg.max_steps:
+            metrics = trainer.train_step()
+            every = cfg.evaluation.every_steps
+            if every and trainer.step % every == 0:
+                metrics.update(trainer.evaluate())
+            log.write(metrics)
+            every = cfg.checkpointing.every_steps
+            if every and trainer.step % every == 0:
+                save(trainer, cfg)
+                last_saved = trainer.step
+    except NonFiniteLossError as exc:
+        if rank == 0:
+            print(f"clipforge train: stopped at step {trainer.step}: {exc}", file=sys.stderr)
+        status = 1
+    finally:
+        log.close()
+    if status == 0 and cfg.checkpointing.save_final and last_saved != trainer.step:
+        save(trainer, cfg)
+    weights = trainer.full_state_dict(rank0_only=True)  # collective under ZeRO 3
+    if rank == 0:
+        _export_weights(trainer, weights, os.path.join(cfg.output_dir, "model.safetensors"))
+        if cfg.logging.plot and os.path.exists(log.path):
+            plot_loss_curve(log.path, os.path.join(cfg.output_dir, "loss_curve.png"))
+    dist.barrier()
+    return status
+
+
+def _export_weights(trainer, weights: dict, path: str) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path + ".tmp"
+    save_file({k: v.contiguous() for k, v in weights.items()}, tmp,
+              metadata={"clipforge_config": json.dumps(trainer.model_config.to_dict())})
+    os.replace(tmp, path)
+
+
+def _write_resolved_config(cfg: TrainConfig, world_size: int) -> None:
+    import yaml
+
+    with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
+        yaml.safe_dump(json.loads(json.dumps(cfg.to_dict())), f, sort_keys=False)
+    with open(os.path.join(cfg.output_dir, "deepspeed_config.json"), "w") as f:
+        json.dump(cfg.deepspeed_config(world_size), f, indent=2)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,418 @@
+"""Run configuration for training: nested dataclasses loaded strictly from YAML, plus `--set` overrides.
+
+A run config has one section per concern (model, data, batch, optimizer, schedule, precision, loss,
+deepspeed, checkpointing, logging, evaluation) and a few top-level keys (seed, max_steps, output_dir).
+Unknown keys are refused with their dotted name (through `clipforge.config.dataclass_from_dict`), and
+`TrainConfig.validate(world_size)` refuses impossible combinations, again naming the key.
+
+The DeepSpeed JSON is generated from the config (`deepspeed_config`) or, when `deepspeed.config_file`
+points to one, taken from that file with the batch sizes checked against this config.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import ConfigError, dataclass_from_dict
+
+# betas / eps of the paper per model family (CLIP.md): ViTs use a lower beta2 and a larger eps.
+ADAM_DEFAULTS = {"vit": ((0.9, 0.98), 1e-6), "resnet": ((0.9, 0.999), 1e-8)}
+MAX_LOGIT_SCALE = math.log(100.0)
+
+
+@dataclass
+class ModelSection:
+    name: str = "tiny-vit"  # a preset of clipforge.config.PRESETS
+    # top-level or nested CLIPConfig fields passed to create_model (e.g. {quick_gelu: false})
+    overrides: dict[str, Any] = field(default_factory=dict)
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class DataSection:
+    # synthetic: generated in memory, the same global batches on any number of ranks (tests, demos);
+    # webdataset: shards read by clipforge.data (DALI or PyTorch/Pillow), each rank its own shards
+    kind: str = "synthetic"
+    path: str | None = None  # webdataset: shards (a folder, glob, brace pattern)
+    eval_path: str | None = None  # webdataset: held-out shards for evaluation
+    loader: str = "auto"  # webdataset: auto | dali | pytorch (see clipforge.data)
+    num_workers: int = 4  # webdataset: DALI threads or DataLoader workers
+    cache_dir: str | None = None  # webdataset: clipforge.data's validation cache
+    num_samples: int = 4096  # synthetic: dataset size (it wraps around)
+    num_classes: int = 32  # synthetic: pairs are drawn from this many (image, caption) prototypes
+    context_length: int = 16  # synthetic: caption length in tokens (<= the model's context length)
+    seed: int = 0
+
+
+@dataclass
+class BatchSection:
+    global_size: int = 16  # the contrastive batch: one optimizer step per global batch
+    micro_size: int = 16  # per rank and forward pass; smaller than global / world => gradient caching
+
+
+@dataclass
+class OptimizerSection:
+    # torch: torch.optim.AdamW handed to DeepSpeed as a client optimizer (no compiled ops);
+    # deepspeed: DeepSpeed's FusedAdam on GPU / DeepSpeedCPUAdam with offload (compiled on first use).
+    impl: str = "torch"
+    lr: float = 5e-4
+    weight_decay: float = 0.2  # decoupled; never on gains, biases, embeddings' norms or the logit scale
+    betas: tuple[float, ...] | None = None  # None: per model family (ViT 0.9/0.98, ResNet 0.9/0.999)
+    eps: float | None = None  # None: per model family (ViT 1e-6, ResNet 1e-8)
+    grad_clip: float = 1.0  # global norm; 0 turns clipping off
+
+
+@dataclass
+class ScheduleSection:
+    warmup_steps: int = 10  # linear from 0 to optimizer.lr (the paper: 2000)
+    total_steps: int | None = None  # cosine decay length; None: max_steps
+    min_lr_ratio: float = 0.0  # floor of the cosine, as a fraction of optimizer.lr
+
+
+@dataclass
+class PrecisionSection:
+    dtype: str = "fp32"  # fp32 (CPU) | bf16 (A100/H100) | fp16 (V100, dynamic loss scaling)
+    initial_scale_power: int = 16  # fp16: the loss scale starts at 2**power
+    loss_scale_window: int = 1000  # fp16: steps without overflow before the scale doubles
+    hysteresis: int = 2
+    min_loss_scale: float = 1.0
+
+
+@dataclass
+class LossSection:
+    backend: str = "auto"  # see clipforge.ops: auto | triton | cpp | torch
+    chunk_size: int | None = None
+
+
+@dataclass
+class DeepSpeedSection:
+    zero_stage: int = 0
+    config_file: str | None = None  # a DeepSpeed JSON to use instead of the generated one
+    offload_optimizer: str = "none"  # none | cpu   (ZeRO 1-3, needs optimizer.impl: deepspeed)
+    offload_param: str = "none"  # none | cpu     (ZeRO 3 only)
+    overlap_comm: bool = False
+    contiguous_gradients: bool = True
+    round_robin_gradients: bool = False  # ZeRO 1/2 only
+    reduce_bucket_size: int = 500_000_000
+    allgather_bucket_size: int = 500_000_000
+    stage3_prefetch_bucket_size: int = 50_000_000
+    stage3_param_persistence_threshold: int = 100_000
+
+
+@dataclass
+class CheckpointSection:
+    every_steps: int = 1000  # 0: only the final checkpoint
+    keep_last: int = 3
+    dir: str | None = None  # None: <output_dir>/checkpoints
+    save_final: bool = True
+
+
+@dataclass
+class LoggingSection:
+    tensorboard: bool = True
+    progress_bar: bool = True
+    plot: bool = True  # loss curve PNG at the end of the run
+
+
+@dataclass
+class EvaluationSection:
+    every_steps: int = 0  # 0: never; else held-out contrastive loss and retrieval top-1
+    batches: int = 2
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    batch: BatchSection = field(default_factory=BatchSection)
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    precision: PrecisionSection = field(default_factory=PrecisionSection)
+    loss: LossSection = field(default_factory=LossSection)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    checkpointing: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    evaluation: EvaluationSection = field(default_factory=EvaluationSection)
+    seed: int = 0
+    max_steps: int = 100
+    output_dir: str = "runs/default"
+    max_nonfinite_steps: int = 5  # this many non-finite losses in a row stop the run
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_dict(cls, data: dict | None) -> "TrainConfig":
+        cfg = dataclass_from_dict(cls, data or {})
+        cfg.check()
+        return cfg
+
+    @classmethod
+    def load(cls, path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> "TrainConfig":
+        """Read a YAML run config (or start from the defaults when `path` is None), apply `key.sub=value`
+        overrides, and build it strictly."""
+        data = load_yaml(path) if path else {}
+        for item in overrides:
+            apply_override(data, item)
+        try:
+            cfg = cls.from_dict(data)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
+        if path and cfg.deepspeed.config_file and not os.path.isabs(cfg.deepspeed.config_file):
+            # a relative DeepSpeed JSON path is relative to the run config that names it
+            cfg.deepspeed.config_file = os.path.join(os.path.dirname(os.path.abspath(path)), cfg.deepspeed.config_file)
+        return cfg
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    # ------------------------------------------------------------------ checks
+    def check(self) -> None:
+        """Checks that do not depend on the number of ranks."""
+        _one_of("precision.dtype", self.precision.dtype, ("fp32", "bf16", "fp16"))
+        _one_of("optimizer.impl", self.optimizer.impl, ("torch", "deepspeed"))
+        _one_of("data.kind", self.data.kind, ("synthetic", "webdataset"))
+        _one_of("data.loader", self.data.loader, ("auto", "dali", "pytorch"))
+        _one_of("deepspeed.offload_optimizer", self.deepspeed.offload_optimizer, ("none", "cpu"))
+        _one_of("deepspeed.offload_param", self.deepspeed.offload_param, ("none", "cpu"))
+        _one_of("loss.backend", self.loss.backend, ("auto", "triton", "cpp", "torch"))
+        _positive("batch.global_size", self.batch.global_size)
+        _positive("batch.micro_size", self.batch.micro_size)
+        _positive("max_steps", self.max_steps)
+        _positive("max_nonfinite_steps", self.max_nonfinite_steps)
+        _positive("checkpointing.keep_last", self.checkpointing.keep_last)
+        if self.optimizer.lr <= 0:
+            raise ConfigError(f"config key 'optimizer.lr' must be positive, got {self.optimizer.lr}")
+        if self.optimizer.betas is not None and (
+            len(self.optimizer.betas) != 2 or not all(0 <= b < 1 for b in self.optimizer.betas)
+        ):
+            raise ConfigError(f"config key 'optimizer.betas' must be two numbers in [0, 1), got {self.optimizer.betas}")
+        if self.optimizer.grad_clip < 0:
+            raise ConfigError("config key 'optimizer.grad_clip' must be >= 0 (0 turns clipping off)")
+        if not 0 <= self.schedule.min_lr_ratio <= 1:
+            raise ConfigError("config key 'schedule.min_lr_ratio' must lie in [0, 1]")
+        if self.schedule.warmup_steps < 0:
+            raise ConfigError("config key 'schedule.warmup_steps' must be >= 0")
+        if self.schedule.warmup_steps > self.total_steps:
+            raise ConfigError(
+                f"config key 'schedule.warmup_steps' ({self.schedule.warmup_steps}) exceeds the schedule length "
+                f"({self.total_steps}: schedule.total_steps, else max_steps); lower it or set schedule.total_steps"
+            )
+        ds = self.deepspeed
+        if ds.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"config key 'deepspeed.zero_stage' must be 0, 1, 2 or 3, got {ds.zero_stage}")
+        if ds.offload_param != "none" and ds.zero_stage != 3:
+            raise ConfigError(
+                f"config key 'deepspeed.offload_param' needs ZeRO stage 3 (parameters are only partitioned "
+                f"there); deepspeed.zero_stage is {ds.zero_stage}"
+            )
+        if ds.round_robin_gradients and ds.zero_stage not in (1, 2):
+            raise ConfigError(
+                f"config key 'deepspeed.round_robin_gradients' is served by ZeRO stages 1 and 2 only; "
+                f"deepspeed.zero_stage is {ds.zero_stage}"
+            )
+        if ds.offload_optimizer != "none":
+            if ds.zero_stage == 0:
+                raise ConfigError("config key 'deepspeed.offload_optimizer' needs ZeRO stage 1, 2 or 3")
+            if self.optimizer.impl != "deepspeed":
+                raise ConfigError(
+                    "config key 'deepspeed.offload_optimizer' needs optimizer.impl: deepspeed "
+                    "(DeepSpeedCPUAdam steps the offloaded states; torch.optim.AdamW would be slow there)"
+                )
+        if self.data.kind == "webdataset" and not self.data.path:
+            raise ConfigError("config key 'data.path' is required when data.kind is webdataset")
+
+    def validate(self, world_size: int) -> int:
+        """Refuse combinations impossible on `world_size` ranks; returns the gradient-caching steps."""
+        self.check()
+        per_step = world_size * self.batch.micro_size
+        if self.batch.global_size % per_step:
+            raise ConfigError(
+                f"config key 'batch.global_size' ({self.batch.global_size}) must be divisible by "
+                f"world size x batch.micro_size ({world_size} x {self.batch.micro_size} = {per_step})"
+            )
+        return self.batch.global_size // per_step
+
+    @property
+    def total_steps(self) -> int:
+        return self.schedule.total_steps or self.max_steps
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.checkpointing.dir or os.path.join(self.output_dir, "checkpoints")
+
+    def adam_hyperparameters(self, is_resnet: bool) -> tuple[tuple[float, float], float]:
+        betas, eps = ADAM_DEFAULTS["resnet" if is_resnet else "vit"]
+        if self.optimizer.betas is not None:
+            betas = tuple(self.optimizer.betas)
+        if self.optimizer.eps is not None:
+            eps = self.optimizer.eps
+        return betas, eps
+
+    # ------------------------------------------------------------------ DeepSpeed
+    def deepspeed_config(self, world_size: int) -> dict:
+        """The DeepSpeed config for `world_size` ranks (generated, or read from deepspeed.config_file)."""
+        gas = self.validate(world_size)
+        batch = {
+            "train_batch_size": self.batch.global_size,
+            "train_micro_batch_size_per_gpu": self.batch.micro_size,
+            "gradient_accumulation_steps": gas,
+        }
+        if self.deepspeed.config_file:
+            return self._checked_file_config(batch)
+        ds, p = self.deepspeed, self.precision
+        zero: dict[str, Any] = {"stage": ds.zero_stage}
+        if ds.zero_stage > 0:
+            zero.update(
+                overlap_comm=ds.overlap_comm,
+                contiguous_gradients=ds.contiguous_gradients,
+                reduce_bucket_size=ds.reduce_bucket_size,
+            )
+        if ds.zero_stage in (1, 2):
+            zero.update(allgather_bucket_size=ds.allgather_bucket_size, round_robin_gradients=ds.round_robin_gradients)
+        if ds.zero_stage == 3:
+            zero.update(
+                stage3_prefetch_bucket_size=ds.stage3_prefetch_bucket_size,
+                stage3_param_persistence_threshold=ds.stage3_param_persistence_threshold,
+                stage3_gather_16bit_weights_on_model_save=False,
+            )
+        if ds.offload_optimizer != "none":
+            zero["offload_optimizer"] = {"device": ds.offload_optimizer, "pin_memory": False}
+        if ds.offload_param != "none":
+            zero["offload_param"] = {"device": ds.offload_param, "pin_memory": False}
+        config = {
+            **batch,
+            "gradient_clipping": self.optimizer.grad_clip,
+            "zero_optimization": zero,
+            "bf16": {"enabled": p.dtype == "bf16"},
+            "fp16": {
+                "enabled": p.dtype == "fp16",
+                "loss_scale": 0,  # 0 = dynamic
+                "initial_scale_power": p.initial_scale_power,
+                "loss_scale_window": p.loss_scale_window,
+                "hysteresis": p.hysteresis,
+                "min_loss_scale": p.min_loss_scale,
+            },
+            # the trainer builds torch.optim.AdamW itself (param groups without decay on gains etc.)
+            "zero_allow_untested_optimizer": True,
+            "zero_force_ds_cpu_optimizer": False,
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+        return config
+
+    def _checked_file_config(self, batch: dict) -> dict:
+        path = self.deepspeed.config_file
+        try:
+            with open(path) as f:
+                config = json.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config key 'deepspeed.config_file' points to a missing file: {path}") from None
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"config key 'deepspeed.config_file': {path} is not valid JSON ({exc})") from None
+        for key, value in batch.items():
+            if key in config and config[key] != "auto" and config[key] != value:
+                raise ConfigError(
+                    f"key '{key}' in {path} is {config[key]} but the run config implies {value} "
+                    "(batch.global_size, batch.micro_size and the world size); make them agree or remove it"
+                )
+            config[key] = value
+        for key in ("optimizer", "scheduler"):
+            if key in config:
+                raise ConfigError(
+                    f"key '{key}' in {path} is not supported: the trainer builds the optimizer and the schedule "
+                    "from the run config's optimizer and schedule sections"
+                )
+        stage = config.get("zero_optimization", {}).get("stage", 0)
+        if stage != self.deepspeed.zero_stage:
+            raise ConfigError(
+                f"key 'zero_optimization.stage' in {path} is {stage} but deepspeed.zero_stage is "
+                f"{self.deepspeed.zero_stage}; make them agree"
+            )
+        for dtype in ("bf16", "fp16"):
+            enabled = bool(config.get(dtype, {}).get("enabled", False))
+            if enabled != (self.precision.dtype == dtype):
+                raise ConfigError(
+                    f"key '{dtype}.enabled' in {path} disagrees with precision.dtype={self.precision.dtype}"
+                )
+        config.setdefault("gradient_clipping", self.optimizer.grad_clip)
+        config.setdefault("zero_allow_untested_optimizer", True)
+        config.setdefault("zero_force_ds_cpu_optimizer", False)
+        return config
+
+
+def _one_of(key: str, value, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, allowed))}, got {value!r}")
+
+
+def _positive(key: str, value: int) -> None:
+    if value <= 0:
+        raise ConfigError(f"config key '{key}' must be positive, got {value}")
+
+
+# ---------------------------------------------------------------------------- YAML and overrides
+def _yaml_loader():
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    # YAML 1.1 (PyYAML) reads `5e-4` as a string; YAML 1.2 and every user read it as a number.
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(
+            r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+            |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+            |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+            |[-+]?\.(?:inf|Inf|INF)
+            |\.(?:nan|NaN|NAN))$""",
+            re.X,
+        ),
+        list("-+0123456789."),
+    )
+    return Loader
+
+
+def parse_value(text: str):
+    """A `--set` value, read as YAML (numbers, true/false, null, [lists], {maps}, or a string)."""
+    import yaml
+
+    return yaml.load(text, Loader=_yaml_loader())
+
+
+def load_yaml(path: str) -> dict:
+    import yaml
+
+    try:
+        with open(path) as f:
+            data = yaml.load(f, Loader=_yaml_loader())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"run config not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of config keys at the top level")
+    return data
+
+
+def apply_override(data: dict, item: str) -> None:
+    """Apply one `key.sub=value` override to the raw config dict (validated later with the rest)."""
+    if "=" not in item:
+        raise ConfigError(f"--set expects key.sub=value, got {item!r}")
+    key, text = item.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set has an empty key segment in {key!r}")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"config key '{'.'.join(parts[: i + 1])}' is not a section, cannot set {key}")
+        node = child
+    node[parts[-1]] = parse_value(text)

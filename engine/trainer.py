@@ -1,0 +1,596 @@
+"""The CLIP trainer: a DeepSpeed engine (ZeRO 0-3) driven with gradient caching.
+
+The contrastive batch is the global batch, whatever the micro-batch. One `train_step` consumes one
+global batch (this rank's share of it, `batch.global_size / world` pairs) and makes one optimizer step:
+
+1. forward every micro-batch without a graph, keeping only the features (and the RNG state before
+   each micro-batch);
+2. compute the loss over the global batch and its gradients with respect to this rank's features and
+   the logit scale (`clipforge.contrastive_loss` with the data-parallel group);
+3. replay each micro-batch forward with a graph and the same RNG state (so dropout / drop-path draw
+   the same masks) and back-propagate its slice of the cached feature gradients through
+   `engine.backward`, then `engine.step()`: DeepSpeed accumulates over the `gradient_accumulation_steps`
+   micro-batches, averages over ranks and steps once at the boundary.
+
+Gradient bookkeeping (why the result equals the single-process gradient of the global-batch loss):
+- `engine.backward(x)` divides by the accumulation steps unless `scale_wrt_gas=False`; the cached
+  gradients are already those of the whole local batch, so we pass `scale_wrt_gas=False`.
+- DeepSpeed averages gradients over the W ranks. The loss's distributed convention (see
+  `clipforge.loss`) is that each rank's feature gradients are W times its share of the true gradient
+  and the logit-scale gradient is the full one on every rank, so the average is the true gradient.
+- The logit scale enters every micro-batch forward but its cached gradient is back-propagated once
+  (micro-batch 0); the others back-propagate a zero for it, so its gradient hooks fire on every
+  micro-step (ZeRO 2/3 expect that) without counting it twice.
+
+With one micro-batch per rank (no caching) the step is the plain forward-loss-backward, which the
+tests use as the reference for the cached path.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import random
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .checkpoint import DS_TAG, load_trainer_state, save_trainer_state
+from .train_config import MAX_LOGIT_SCALE, ConfigError, TrainConfig
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many non-finite losses in a row: the run is diverging."""
+
+
+# ---------------------------------------------------------------------------------------- data
+class SyntheticPairs:
+    """Deterministic in-memory (image, caption) pairs for CPU runs and tests.
+
+    Pairs are noisy copies of `num_classes` prototypes (a random image and a random caption each), so
+    a model can learn to match them and the loss goes down. Sample `i` is a pure function of
+    (seed, i), and each rank takes its contiguous share of every global batch: the same global batch
+    on any number of ranks, which is what makes runs on 1 and on W ranks comparable.
+    """
+
+    def __init__(self, cfg, *, image_size: int, vocab_size: int, context_length: int,
+                 global_batch: int, rank: int = 0, world_size: int = 1):
+        if cfg.context_length < 3 or cfg.context_length > context_length:
+            raise ValueError(
+                f"config key 'data.context_length' must be between 3 and the model's context length "
+                f"{context_length}, got {cfg.context_length}"
+            )
+        self.cfg, self.image_size = cfg, image_size
+        self.global_batch, self.rank, self.world_size = global_batch, rank, world_size
+        self.local_batch = global_batch // world_size
+        self.position = 0  # global index of the next sample to read
+        g = torch.Generator().manual_seed(cfg.seed)
+        self.prototypes = torch.randn(cfg.num_classes, 3, image_size, image_size, generator=g)  # (K, 3, R, R)
+        sot, eot = vocab_size - 2, vocab_size - 1  # <|startoftext|>, <|endoftext|> (EOT is the highest id)
+        words = torch.randint(1, sot, (cfg.num_classes, cfg.context_length - 3), generator=g)  # (K, L-3)
+        self.captions = torch.cat(
+            [torch.full((cfg.num_classes, 1), sot), words, torch.zeros(cfg.num_classes, 2, dtype=torch.long)], 1
+        )  # (K, L): SOT, class words, [one per-sample word], EOT
+        self.sot, self.eot, self.vocab_size = sot, eot, vocab_size
+
+    def sample(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + index)
+        cls = int(torch.randint(self.cfg.num_classes, (1,), generator=g))
+        image = self.prototypes[cls] + 0.5 * torch.randn(self.prototypes.shape[1:], generator=g)
+        tokens = self.captions[cls].clone()
+        tokens[-2] = int(torch.randint(1, self.sot, (1,), generator=g))
+        tokens[-1] = self.eot
+        return image, tokens
+
+    def batch_at(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        pairs = [self.sample(i) for i in indices]
+        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's share of the next global batch: (images (B, 3, R, R), tokens (B, L))."""
+        start = self.position + self.rank * self.local_batch
+        self.position += self.global_batch
+        return self.batch_at([i % self.cfg.num_samples for i in range(start, start + self.local_batch)])
+
+    def eval_batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Held-out global batch i (indices past the training set), this rank's share."""
+        start = self.cfg.num_samples + i * self.global_batch + self.rank * self.local_batch
+        return self.batch_at(range(start, start + self.local_batch))
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = int(state["position"])
+
+
+class ShardBatches:
+    """Webdataset shards through `clipforge.data` (DALI or PyTorch/Pillow), as the trainer's data source.
+
+    Each rank reads its own slice of every epoch (clipforge.data's sharding), `global / world` pairs per
+    step with `drop_last`, so all ranks step in lock-step; epochs follow one another. The position
+    (epoch, samples read) is the loader's own state.
+    """
+
+    def __init__(self, cfg: TrainConfig, *, image_size: int, rank: int, world_size: int):
+        from . import data
+
+        self._data = data
+        self.local_batch = cfg.batch.global_size // world_size
+        self.rank, self.world_size, self.image_size = rank, world_size, image_size
+        common = dict(batch_size=self.local_batch, backend=cfg.data.loader, num_threads=cfg.data.num_workers,
+                      seed=cfg.data.seed, cache_dir=cfg.data.cache_dir)
+        self.train_cfg = data.DataConfig(shards=cfg.data.path, drop_last=True, **common)
+        self.eval_cfg = data.DataConfig(shards=cfg.data.eval_path, drop_last=True, **common) if cfg.data.eval_path else None
+        self.eval_batches = cfg.evaluation.batches
+        self.loader = data.build_train_loader(self.train_cfg, rank, world_size, image_size=image_size)
+        if len(self.loader) == 0:
+            raise ValueError(
+                f"config key 'data.path' ({cfg.data.path}) holds fewer samples than one global batch of "
+                f"{cfg.batch.global_size}; use more data or a smaller batch.global_size"
+            )
+        self._iter = None
+        self._eval = None
+
+    def next_batch(self):
+        for _ in range(2):  # at most one epoch boundary per batch
+            if self._iter is None:
+                self._iter = iter(self.loader)
+            try:
+                return next(self._iter)
+            except StopIteration:
+                self._iter = None
+        raise RuntimeError("the training loader yielded an empty epoch")
+
+    def eval_batch(self, i: int):
+        if self.eval_cfg is None:
+            raise ValueError("config key 'evaluation.every_steps' needs data.eval_path with webdataset data")
+        if self._eval is None:
+            loader = self._data.build_eval_loader(self.eval_cfg, self.rank, self.world_size, image_size=self.image_size)
+            self._eval = list(itertools.islice(loader, self.eval_batches))  # the same batches every evaluation
+            if not self._eval:
+                raise ValueError(f"config key 'data.eval_path' ({self.eval_cfg.shards}) holds less than one batch")
+        return self._eval[i % len(self._eval)]
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
+        self._iter = None
+
+
+# ------------------------------------------------------------------------------- optimisation
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on weight matrices, convolutions and embeddings; none on the gains and
+    biases of norm layers, on any bias, on other 0/1-dim parameters (class embedding) or the scale."""
+    norms = (torch.nn.LayerNorm, torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm)
+    decay, no_decay = [], []
+    for _, module in model.named_modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            skip = isinstance(module, norms) or name == "bias" or p.ndim < 2 or name == "logit_scale"
+            (no_decay if skip else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up over `warmup` optimizer steps, then a cosine from 1 to `min_ratio` at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ------------------------------------------------------------------------------------ RNG state
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _full_rng_state() -> dict:
+    """Every RNG the run draws from, as tensors and lists (loadable with weights_only=True)."""
+    state = _rng_state()
+    version, internal, gauss = random.getstate()
+    state["python"] = [version, list(internal), gauss]
+    np_state = np.random.get_state()
+    state["numpy"] = [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]
+    return state
+
+
+def _set_full_rng_state(state: dict) -> None:
+    _set_rng_state(state)
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+# ------------------------------------------------------------------------ DeepSpeed workarounds
+def _scalars_to_vectors(model: torch.nn.Module) -> dict[str, torch.Size]:
+    """Give 0-dim parameters (the logit scale) shape (1,) for the DeepSpeed engine's lifetime.
+
+    DeepSpeed 0.19 mishandles 0-dim parameters in several places: its start-up broadcast sends
+    `p.data.view(torch.uint8)` ("self.dim() cannot be 0 to view Float as Byte"), and ZeRO 0's gradient
+    clipping multiplies each grad in place by a (1,) coefficient ("output with shape [] doesn't match
+    the broadcast shape [1]"). A (1,) view of the same storage avoids both; the trainer reshapes the
+    scale back to 0-dim before the loss, and `full_state_dict` restores the declared shapes, so
+    exported weights keep OpenAI's 0-dim `logit_scale`. Returns {name: original shape}.
+    """
+    shapes = {}
+    for name, p in model.named_parameters():
+        if p.dim() == 0:
+            shapes[name] = p.shape
+            p.data = p.data.reshape(1)
+    return shapes
+
+
+def _deepspeed_checkpoint_globals() -> list:
+    """The classes DeepSpeed pickles into its checkpoints (plain records, no code), for weights_only."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def _weights_only_load(path: str, map_location=None):
+    with torch.serialization.safe_globals(_deepspeed_checkpoint_globals()):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+# --------------------------------------------------------------------------------------- trainer
+class Trainer:
+    """Owns the model, the DeepSpeed engine, the data and the step counters of one run.
+
+    `train_step()` runs one global batch; `state_dict()` / `load_state_dict()` carry the trainer's own
+    state (step, samples seen, data position, RNG); `save_checkpoint(dir)` / `load_checkpoint(dir)`
+    add DeepSpeed's model, optimizer and schedule state.
+    """
+
+    def __init__(self, cfg: TrainConfig, data=None):
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+
+        from .model import create_model
+
+        if not dist.is_initialized():
+            raise RuntimeError("Trainer needs torch.distributed initialised (clipforge.train.init_distributed)")
+        self.cfg = cfg
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.group = dist.group.WORLD
+        self.gas = cfg.validate(self.world_size)
+        self.local_batch = cfg.batch.global_size // self.world_size
+        accel = get_accelerator()
+        self.device = torch.device(accel.current_device_name())
+        if cfg.precision.dtype == "fp16" and self.device.type == "cpu":
+            raise ConfigError("config key 'precision.dtype' is fp16, which needs a GPU; use fp32 (or bf16) on CPU")
+
+        # identical initial weights on every rank (ZeRO partitions them after)
+        torch.manual_seed(cfg.seed)
+        model = create_model(cfg.model.name, **cfg.model.overrides, grad_checkpointing=cfg.model.grad_checkpointing)
+        self.model_config = model.config
+        betas, eps = cfg.adam_hyperparameters(model.config.vision.is_resnet)
+        groups = param_groups(model, cfg.optimizer.weight_decay)
+        ds_config = cfg.deepspeed_config(self.world_size)
+        optimizer = None
+        if cfg.optimizer.impl == "torch":
+            optimizer = torch.optim.AdamW(groups, lr=cfg.optimizer.lr, betas=betas, eps=eps)
+        else:
+            ds_config["optimizer"] = {
+                "type": "AdamW",
+                "params": {"lr": cfg.optimizer.lr, "betas": list(betas), "eps": eps,
+                           "weight_decay": cfg.optimizer.weight_decay},
+            }
+        warmup, total, floor = cfg.schedule.warmup_steps, cfg.total_steps, cfg.schedule.min_lr_ratio
+
+        def schedule(opt):
+            return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, total, floor))
+
+        self._declared_shapes = _scalars_to_vectors(model)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=groups, optimizer=optimizer, lr_scheduler=schedule, config=ds_config
+        )
+        self.module = self.engine.module
+        # DeepSpeed reads its checkpoint files with torch.load(weights_only=False), which can run pickled
+        # code; read them with weights_only=True instead, allowing only DeepSpeed's own plain records
+        self.engine.checkpoint_engine.load = _weights_only_load
+        self.zero_stage = self.engine.zero_optimization_stage()
+        self.data = data if data is not None else self._build_data()
+        # a different RNG stream per rank (dropout masks), replayed exactly by the cached forward
+        torch.manual_seed(cfg.seed * 1000 + 1 + self.rank)
+        self.step = 0  # global batches consumed (including skipped non-finite ones)
+        self.samples_seen = 0
+        self.nonfinite_total = 0
+        self.nonfinite_in_row = 0
+        # called as grad_hook(trainer) once per step, after the last backward and before the optimizer
+        # step: the gradients are complete (reduced over ranks, unclipped); see `full_gradients`
+        self.grad_hook = None
+
+    def _build_data(self):
+        cfg = self.cfg
+        if cfg.data.kind == "synthetic":
+            text = self.model_config.text
+            return SyntheticPairs(
+                cfg.data, image_size=self.model_config.vision.image_size, vocab_size=text.vocab_size,
+                context_length=text.context_length, global_batch=cfg.batch.global_size,
+                rank=self.rank, world_size=self.world_size,
+            )
+        return ShardBatches(cfg, image_size=self.model_config.vision.image_size, rank=self.rank,
+                            world_size=self.world_size)
+
+    def forward(self, images, tokens):
+        """The engine's forward -> (image features, text features, 0-dim exponentiated scale)."""
+        img, txt, scale = self.engine(images, tokens)
+        return img, txt, scale.reshape(())
+
+    # ------------------------------------------------------------------------------- the loss
+    def contrastive_loss(self, image_features, text_features, logit_scale):
+        """The loss over the global batch (`clipforge.contrastive_loss` with the data-parallel group)."""
+        from .loss import contrastive_loss
+
+        group = self.group if self.world_size > 1 else None
+        return contrastive_loss(image_features, text_features, logit_scale, group=group,
+                                backend=self.cfg.loss.backend, chunk_size=self.cfg.loss.chunk_size)
+
+    def _all_finite(self, value: torch.Tensor) -> bool:
+        flag = torch.tensor([1.0 if bool(torch.isfinite(value).all()) else 0.0], device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
+        return bool(flag.item() == 1.0)
+
+    # ------------------------------------------------------------------------------- one step
+    def train_step(self, batch=None) -> dict:
+        """One optimizer step over one global batch. Returns this step's metrics (loss None if skipped)."""
+        self.engine.train()
+        t0 = time.perf_counter()
+        lr = self.scheduler.get_last_lr()[0]  # the rate this step uses (the schedule advances in step())
+        images, tokens = batch if batch is not None else self.data.next_batch()
+        if images.shape[0] != self.local_batch or tokens.shape[0] != self.local_batch:
+            # DeepSpeed steps after exactly gradient_accumulation_steps micro-batches: sizes must agree
+            raise ValueError(
+                f"a training batch on this rank must hold batch.global_size / world size = {self.local_batch} "
+                f"pairs, got {images.shape[0]} images and {tokens.shape[0]} token rows"
+            )
+        images, tokens = images.to(self.device), tokens.to(self.device)
+        micro = self.cfg.batch.micro_size
+        slices = [slice(i, i + micro) for i in range(0, images.shape[0], micro)]
+        if len(slices) == 1:
+            loss = self._plain_step(images, tokens)
+        else:
+            loss = self._cached_step(images, tokens, slices)
+        self.step += 1
+        self.samples_seen += self.cfg.batch.global_size
+        skipped = loss is None
+        if skipped:
+            self.nonfinite_total += 1
+            self.nonfinite_in_row += 1
+            if self.nonfinite_in_row >= self.cfg.max_nonfinite_steps:
+                raise NonFiniteLossError(
+                    f"the loss was not finite for {self.nonfinite_in_row} steps in a row (last at step {self.step}); "
+                    "try a lower optimizer.lr, a longer schedule.warmup_steps, a smaller optimizer.grad_clip, "
+                    "or precision.dtype: bf16 instead of fp16, and check the data for NaNs"
+                )
+        else:
+            self.nonfinite_in_row = 0
+            self._clamp_logit_scale()
+        elapsed = time.perf_counter() - t0
+        return {
+            "step": self.step,
+            "loss": loss,
+            "lr": lr,
+            "logit_scale": self.logit_scale(),
+            "samples_per_s": self.cfg.batch.global_size / elapsed,
+            "samples_seen": self.samples_seen,
+            "skipped": skipped,
+            "nonfinite_total": self.nonfinite_total,
+            "grad_norm": _float_or_none(self.engine.get_global_grad_norm()) if not skipped else None,
+            "loss_scale": self._loss_scale(),
+            # False when DeepSpeed skipped the update (fp16 gradient overflow: the loss scale drops)
+            "step_applied": bool(self.engine.was_step_applied()) if not skipped else False,
+            "step_time_s": elapsed,
+        }
+
+    def _plain_step(self, images, tokens) -> float | None:
+        img, txt, scale = self.forward(images, tokens)
+        loss = self.contrastive_loss(img.float(), txt.float(), scale.float())
+        if not self._all_finite(loss.detach()):
+            return None
+        self.engine.backward(loss, scale_wrt_gas=False)
+        if self.grad_hook is not None:
+            self.grad_hook(self)
+        self.engine.step()
+        return float(loss.detach())
+
+    def _cached_step(self, images, tokens, slices) -> float | None:
+        # 1. features of every micro-batch, without a graph; remember the RNG before each one
+        states, img_parts, txt_parts = [], [], []
+        with torch.no_grad():
+            for sl in slices:
+                states.append(_rng_state())
+                img, txt, scale = self.forward(images[sl], tokens[sl])
+                img_parts.append(img.float())
+                txt_parts.append(txt.float())
+        after = _rng_state()
+        # 2. loss over the global batch and its gradients w.r.t. this rank's features and the scale
+        img_all = torch.cat(img_parts).requires_grad_(True)  # (B_local, E)
+        txt_all = torch.cat(txt_parts).requires_grad_(True)  # (B_local, E)
+        scale_leaf = scale.detach().float().requires_grad_(True)
+        loss = self.contrastive_loss(img_all, txt_all, scale_leaf)
+        if not self._all_finite(loss.detach()):
+            _set_rng_state(after)
+            return None
+        g_img, g_txt, g_scale = torch.autograd.grad(loss, (img_all, txt_all, scale_leaf))
+        # 3. replay each micro-batch with a graph and push its slice of the cached gradients through
+        for i, sl in enumerate(slices):
+            _set_rng_state(states[i])
+            img, txt, scale = self.forward(images[sl], tokens[sl])
+            surrogate = (img.float() * g_img[sl]).sum() + (txt.float() * g_txt[sl]).sum()
+            surrogate = surrogate + scale.float() * (g_scale if i == 0 else torch.zeros_like(g_scale))
+            self.engine.backward(surrogate, scale_wrt_gas=False)
+            if i == len(slices) - 1 and self.grad_hook is not None:
+                self.grad_hook(self)
+            self.engine.step()
+        _set_rng_state(after)
+        return float(loss.detach())
+
+    # --------------------------------------------------------------------------- logit scale
+    def _gathered(self, params, modifier_rank=None):
+        if self.zero_stage == 3:
+            import deepspeed
+
+            return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+        return contextlib.nullcontext()
+
+    def logit_scale(self) -> float:
+        """The exponentiated logit scale (what multiplies the cosine similarities)."""
+        p = self.module.logit_scale
+        with self._gathered([p]):
+            return float(p.detach().float().exp().reshape(()))
+
+    def _clamp_logit_scale(self) -> None:
+        """Clamp the scale parameter to ln(100) in the model and in the optimizer's fp32 master copy.
+
+        ZeRO 1-3 and the bf16/fp16 optimizers step an fp32 copy and write it back into the model, so
+        clamping only the model's parameter would be undone by the next step.
+        """
+        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+        p = self.module.logit_scale
+        master = safe_get_full_fp32_param(p)  # collective under ZeRO; None without a master copy
+        # ZeRO 3 pads the 1-element scale to one element per rank: ranks past the first hold only
+        # padding, and DeepSpeed's setter would index past the value there
+        owns = self.zero_stage != 3 or self.rank * p.ds_tensor.numel() < p.ds_numel
+        if master is not None and owns and float(master.reshape(())) > MAX_LOGIT_SCALE:
+            safe_set_full_fp32_param(p, master.clamp(max=MAX_LOGIT_SCALE))
+        with self._gathered([p], modifier_rank=0), torch.no_grad():
+            p.clamp_(max=MAX_LOGIT_SCALE)
+
+    def _loss_scale(self) -> float | None:
+        if self.cfg.precision.dtype != "fp16":
+            return None
+        scale = getattr(self.optimizer, "cur_scale", None) or getattr(self.optimizer, "loss_scale", None)
+        return _float_or_none(scale)
+
+    # ----------------------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Held-out contrastive loss and image->text / text->image top-1 over global batches."""
+        self.engine.eval()
+        losses, i2t, t2i = [], [], []
+        for b in range(self.cfg.evaluation.batches):
+            images, tokens = self.data.eval_batch(b)
+            img_parts, txt_parts = [], []
+            micro = self.cfg.batch.micro_size
+            for i in range(0, images.shape[0], micro):
+                img, txt, scale = self.forward(images[i:i + micro].to(self.device), tokens[i:i + micro].to(self.device))
+                img_parts.append(img.float())
+                txt_parts.append(txt.float())
+            img, txt = torch.cat(img_parts), torch.cat(txt_parts)
+            if self.world_size > 1:
+                img, txt = _all_gather_cat(img, self.group), _all_gather_cat(txt, self.group)
+            logits = scale.float() * img @ txt.t()  # (N, N)
+            labels = torch.arange(logits.shape[0], device=logits.device)
+            losses.append(float(0.5 * (torch.nn.functional.cross_entropy(logits, labels)
+                                       + torch.nn.functional.cross_entropy(logits.t(), labels))))
+            i2t.append(float((logits.argmax(1) == labels).float().mean()))
+            t2i.append(float((logits.argmax(0) == labels).float().mean()))
+        self.engine.train()
+        return {"eval_loss": sum(losses) / len(losses), "eval_i2t_top1": sum(i2t) / len(i2t),
+                "eval_t2i_top1": sum(t2i) / len(t2i)}
+
+    # ------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """This rank's trainer state: counters, data position and RNG states (tensors, numbers, lists)."""
+        return {
+            "step": self.step,
+            "samples_seen": self.samples_seen,
+            "nonfinite_total": self.nonfinite_total,
+            "nonfinite_in_row": self.nonfinite_in_row,
+            "world_size": self.world_size,
+            "data": self.data.state_dict(),
+            "rng": _full_rng_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("world_size", self.world_size) != self.world_size:
+            warnings.warn(
+                f"resuming a run saved on {state['world_size']} ranks on {self.world_size}: the data order "
+                "continues, but the RNG streams of the ranks differ from an uninterrupted run",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        self.step = int(state["step"])
+        self.samples_seen = int(state["samples_seen"])
+        self.nonfinite_total = int(state["nonfinite_total"])
+        self.nonfinite_in_row = int(state["nonfinite_in_row"])
+        self.data.load_state_dict(state["data"])
+        _set_full_rng_state(state["rng"])
+
+    def save_checkpoint(self, path: str) -> None:
+        """Write DeepSpeed's state under `path`/ds and this rank's trainer state (every rank calls this)."""
+        self.engine.save_checkpoint(path, tag=DS_TAG, save_latest=False)
+        save_trainer_state(path, self.rank, self.state_dict())
+
+    def load_checkpoint(self, path: str) -> None:
+        load_path, _ = self.engine.load_checkpoint(path, tag=DS_TAG, load_optimizer_states=True,
+                                                   load_lr_scheduler_states=True)
+        if load_path is None:
+            from .checkpoint import CheckpointError
+
+            raise CheckpointError(f"{path} holds no readable DeepSpeed checkpoint (tag '{DS_TAG}')")
+        self.load_state_dict(load_trainer_state(path, self.rank))
+
+    def full_gradients(self) -> dict:
+        """{name: full fp32 gradient on CPU} of every parameter, from inside `grad_hook` (collective
+        under ZeRO: every rank must call it)."""
+        from deepspeed.utils import safe_get_full_grad
+
+        grads = {}
+        for name, p in self.module.named_parameters():
+            g = safe_get_full_grad(p)
+            grads[name] = None if g is None else g.detach().float().cpu().clone().reshape(
+                self._declared_shapes.get(name, g.shape))
+        return grads
+
+    def full_state_dict(self, rank0_only: bool = False) -> dict:
+        """The full model weights (gathered under ZeRO 3) in fp32 on CPU, with the model's declared
+        shapes; every rank must call this (collective under ZeRO 3). `rank0_only`: {} on other ranks."""
+        params = list(self.module.parameters())
+        with self._gathered(params):
+            if rank0_only and self.rank != 0:
+                return {}
+            state = {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}
+        for name, shape in self._declared_shapes.items():
+            state[name] = state[name].reshape(shape)
+        return state
+
+
+def _all_gather_cat(x: torch.Tensor, group) -> torch.Tensor:
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts)
+
+
+def _float_or_none(x) -> float | None:
+    if x is None:
+        return None
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return None

@@ -1,0 +1,230 @@
+"""Run configuration: strict loading, --set overrides, impossible combinations, the DeepSpeed section,
+the optimizer's parameter groups and the LR schedule. No DeepSpeed engine is started here."""
+import glob
+import json
+import math
+import os
+
+import pytest
+import torch
+import yaml
+
+from clipforge.train_config import ConfigError, TrainConfig, apply_override
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write(tmp_path, data, name="run.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "data, key",
+    [
+        ({"optimizer": {"lrr": 1e-3}}, "optimizer.lrr"),
+        ({"deepspeed": {"zero_stage": 3, "stage3_prefetch": 1}}, "deepspeed.stage3_prefetch"),
+        ({"batchsize": 4}, "batchsize"),
+        ({"precision": {"dtype": "fp8"}}, "precision.dtype"),
+        ({"batch": {"micro_size": "four"}}, "batch.micro_size"),
+        ({"optimizer": {"betas": [0.9]}}, "optimizer.betas"),
+        ({"schedule": {"warmup_steps": 50, "total_steps": 10}}, "schedule.warmup_steps"),
+        # ZeRO stage 3 with options it cannot serve, and offloads without the stage that holds them
+        ({"deepspeed": {"zero_stage": 3, "round_robin_gradients": True}}, "deepspeed.round_robin_gradients"),
+        ({"deepspeed": {"zero_stage": 2, "offload_param": "cpu"}}, "deepspeed.offload_param"),
+        ({"deepspeed": {"zero_stage": 0, "offload_optimizer": "cpu"}}, "deepspeed.offload_optimizer"),
+        ({"deepspeed": {"zero_stage": 3, "offload_optimizer": "cpu"}, "optimizer": {"impl": "torch"}},
+         "deepspeed.offload_optimizer"),
+        ({"deepspeed": {"zero_stage": 5}}, "deepspeed.zero_stage"),
+        ({"data": {"kind": "webdataset"}}, "data.path"),
+    ],
+)
+def test_bad_configs_are_refused_naming_the_key(tmp_path, data, key):
+    path = write(tmp_path, data)
+    with pytest.raises(ConfigError, match=f"'{key}'") as info:
+        TrainConfig.load(path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("world, micro", [(3, 4), (2, 5), (32, 1), (7, 1)])
+def test_global_batch_must_divide_by_world_times_micro(world, micro):
+    cfg = TrainConfig.from_dict({"batch": {"global_size": 16, "micro_size": micro}})
+    with pytest.raises(ConfigError, match="'batch.global_size'"):
+        cfg.validate(world)
+
+
+@pytest.mark.parametrize("world, micro, gas", [(1, 16, 1), (1, 4, 4), (2, 4, 2), (4, 1, 4), (16, 1, 1)])
+def test_gradient_accumulation_steps(world, micro, gas):
+    cfg = TrainConfig.from_dict({"batch": {"global_size": 16, "micro_size": micro}})
+    assert cfg.validate(world) == gas
+    ds = cfg.deepspeed_config(world)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
+        16, micro, gas)
+    assert ds["train_batch_size"] == micro * gas * world
+
+
+def test_set_overrides_reach_every_level(tmp_path):
+    path = write(tmp_path, {"optimizer": {"lr": 1e-3}, "deepspeed": {"zero_stage": 1}})
+    cfg = TrainConfig.load(path, ["optimizer.lr=5e-4", "deepspeed.zero_stage=3", "optimizer.betas=[0.9, 0.95]",
+                                  "model.overrides.quick_gelu=false", "max_steps=17", "checkpointing.dir=/x/y"])
+    assert cfg.optimizer.lr == pytest.approx(5e-4) and isinstance(cfg.optimizer.lr, float)
+    assert cfg.deepspeed.zero_stage == 3
+    assert cfg.optimizer.betas == (0.9, 0.95)
+    assert cfg.model.overrides == {"quick_gelu": False}
+    assert cfg.max_steps == 17 and cfg.checkpoint_dir == "/x/y"
+    with pytest.raises(ConfigError, match="'optimizer.learning_rate'"):
+        TrainConfig.load(path, ["optimizer.learning_rate=1"])
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        apply_override({}, "optimizer.lr")
+
+
+def test_yaml_reads_exponent_floats(tmp_path):
+    # PyYAML's YAML 1.1 would read 5e-4 as a string
+    cfg = TrainConfig.load(write(tmp_path, {}), ["optimizer.lr=5e-4"])
+    assert cfg.optimizer.lr == 5e-4
+    path = tmp_path / "raw.yaml"
+    path.write_text("optimizer:\n  lr: 4e-4\n  eps: 1e-8\n")
+    cfg = TrainConfig.load(str(path))
+    assert (cfg.optimizer.lr, cfg.optimizer.eps) == (4e-4, 1e-8)
+
+
+def test_deepspeed_section_generated_from_config():
+    cfg = TrainConfig.from_dict({
+        "batch": {"global_size": 64, "micro_size": 8},
+        "precision": {"dtype": "fp16", "initial_scale_power": 12},
+        "deepspeed": {"zero_stage": 3, "offload_param": "cpu"},
+        "optimizer": {"grad_clip": 0.5},
+    })
+    ds = cfg.deepspeed_config(2)
+    assert ds["gradient_accumulation_steps"] == 4
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert ds["fp16"]["enabled"] and ds["fp16"]["loss_scale"] == 0 and ds["fp16"]["initial_scale_power"] == 12
+    assert not ds["bf16"]["enabled"]
+    assert ds["gradient_clipping"] == 0.5
+    json.dumps(ds)  # serialisable as DeepSpeed JSON
+
+
+def test_deepspeed_json_file_is_used_and_checked(tmp_path):
+    ds = {"train_batch_size": 16, "zero_optimization": {"stage": 2, "overlap_comm": True}, "bf16": {"enabled": True}}
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    path = write(tmp_path, {"deepspeed": {"config_file": "ds.json", "zero_stage": 2}, "precision": {"dtype": "bf16"},
+                            "batch": {"global_size": 16, "micro_size": 4}})
+    cfg = TrainConfig.load(path)
+    out = cfg.deepspeed_config(2)
+    assert out["zero_optimization"] == {"stage": 2, "overlap_comm": True}
+    assert out["gradient_accumulation_steps"] == 2 and out["train_micro_batch_size_per_gpu"] == 4
+    # the file disagrees with the run config: refused with the file's key named
+    (tmp_path / "ds.json").write_text(json.dumps({**ds, "train_batch_size": 32}))
+    with pytest.raises(ConfigError, match="'train_batch_size'"):
+        TrainConfig.load(path).deepspeed_config(2)
+    (tmp_path / "ds.json").write_text(json.dumps({**ds, "zero_optimization": {"stage": 3}}))
+    with pytest.raises(ConfigError, match="'zero_optimization.stage'"):
+        TrainConfig.load(path).deepspeed_config(2)
+    (tmp_path / "ds.json").write_text(json.dumps({**ds, "bf16": {"enabled": False}}))
+    with pytest.raises(ConfigError, match="'bf16.enabled'"):
+        TrainConfig.load(path).deepspeed_config(2)
+
+
+# example configs and the world size each is written for
+EXAMPLES = {
+    "tiny-cpu.yaml": 2,
+    "demo.yaml": 2,
+    "vit-b-32-32k-8xa100.yaml": 8,
+    "vit-b-32-32k-128xa100.yaml": 128,
+    "vit-l-14-v100-fp16.yaml": 64,
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_example_configs_load_and_validate(name):
+    path = os.path.join(ROOT, "configs", name)
+    cfg = TrainConfig.load(path)
+    ds = cfg.deepspeed_config(EXAMPLES[name])
+    assert ds["train_batch_size"] == cfg.batch.global_size
+    if "32k" in name:
+        assert cfg.batch.global_size == 32768
+    if "v100" in name:
+        assert cfg.precision.dtype == "fp16"
+        assert ds["fp16"]["enabled"] and ds["fp16"]["loss_scale"] == 0  # from configs/deepspeed-zero2-fp16.json
+        assert ds["zero_optimization"]["overlap_comm"] and ds["gradient_accumulation_steps"] == 8
+
+
+def test_every_run_config_is_listed():
+    names = {os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "configs", "*.yaml"))}
+    run_configs = {n for n in names if "max_steps" in open(os.path.join(ROOT, "configs", n)).read()}
+    assert run_configs <= set(EXAMPLES)
+
+
+def test_adam_hyperparameters_follow_the_model_family():
+    cfg = TrainConfig()
+    assert cfg.adam_hyperparameters(is_resnet=False) == ((0.9, 0.98), 1e-6)
+    assert cfg.adam_hyperparameters(is_resnet=True) == ((0.9, 0.999), 1e-8)
+    cfg = TrainConfig.from_dict({"optimizer": {"betas": [0.8, 0.9], "eps": 1e-5}})
+    assert cfg.adam_hyperparameters(is_resnet=True) == ((0.8, 0.9), 1e-5)
+
+
+@pytest.mark.parametrize("preset", ["tiny-vit", "tiny-rn"])
+def test_no_weight_decay_on_gains_biases_norms_and_scale(preset):
+    import clipforge
+    from clipforge.trainer import param_groups
+
+    model = clipforge.create_model(preset)
+    decay, no_decay = param_groups(model, 0.2)
+    assert decay["weight_decay"] == 0.2 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    kept = {names[id(p)] for p in no_decay["params"]}
+    assert decayed.isdisjoint(kept) and decayed | kept == set(names.values())
+    assert "logit_scale" in kept
+    assert {"token_embedding.weight", "positional_embedding", "text_projection"} <= decayed
+    if preset == "tiny-vit":
+        assert "visual.class_embedding" in kept and {"visual.proj", "visual.conv1.weight"} <= decayed
+    norm_params = {f"{m}.{n}" for m, mod in model.named_modules()
+                   if isinstance(mod, (torch.nn.LayerNorm, torch.nn.BatchNorm2d)) for n, _ in mod.named_parameters()}
+    assert norm_params and norm_params <= kept
+    params = dict(model.named_parameters())
+    for name in kept:
+        assert name in norm_params or name.endswith("bias") or params[name].ndim < 2, name
+    for name in decayed:
+        assert params[name].ndim >= 2 and name not in norm_params, name
+
+
+def test_lr_schedule_warmup_then_cosine():
+    from clipforge.trainer import lr_factor
+
+    warm, total = 4, 20
+    values = [lr_factor(s, warm, total, 0.1) for s in range(total + 3)]
+    assert values[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert values[4] == pytest.approx(1.0)
+    mid = warm + (total - warm) // 2
+    assert values[mid] == pytest.approx(0.1 + 0.9 * 0.5)
+    assert values[total] == pytest.approx(0.1) and values[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(values[4:], values[5:]))
+    assert lr_factor(0, 0, 10, 0.0) == pytest.approx(1.0)
+    assert lr_factor(5, 0, 10, 0.0) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+
+
+def test_main_refuses_a_bad_config_with_the_key(tmp_path, capsys):
+    from clipforge.train import main
+
+    path = write(tmp_path, {"optimizer": {"weight_dacay": 0.1}})
+    assert main(["--config", path]) == 2
+    err = capsys.readouterr().err
+    assert "'optimizer.weight_dacay'" in err and "known keys" in err
+    assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_clipforge_cli_train_subcommand(tmp_path, capsys):
+    from clipforge.cli import main
+
+    path = write(tmp_path, {"batch": {"global_size": 0}})
+    assert main(["train", "--config", path, "--max-steps", "2"]) == 2
+    assert "'batch.global_size'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--resume" in out and "--set" in out and "--max-steps" in out and "--output-dir" in out
