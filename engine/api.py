@@ -1,0 +1,630 @@
+"""Embedding API: images and texts in, L2-normalised float32 numpy arrays out.
+
+    model = clipforge.load("ViT-B-32.pt")
+    img = model.embed_images(["cat.jpg", pil_image, uint8_array], batch_size=64)   # (3, E) float32
+    txt = model.embed_texts(["a photo of a cat", "a dog"])                         # (2, E) float32
+    clf = model.zero_shot_classifier(["cat", "dog"], templates="imagenet")         # (2, E)
+    probs = model.classify(images, clf)                                            # (N, 2), rows sum to 1
+
+Images may be paths, encoded bytes, Pillow images, numpy arrays (raw pixels: (H, W), (H, W, 1|3|4),
+uint8 or float in [0, 1]) or torch tensors. Tensors are taken as model input that is already
+preprocessed: (3, R, R) or (N, 3, R, R), CLIP-normalised, exactly what `encode_image` takes. Everything
+else goes through `preprocess`, the one preprocessing function: decode (EXIF orientation applied),
+RGB conversion, bicubic resize of the shorter side to the model resolution, centre crop (the
+evaluation geometry of `clipforge.data.pil_transform`, which DALI's eval pipeline matches) and CLIP's
+mean/std (`clipforge.data.normalize_uint8`).
+
+Inference runs without grad, batch by batch, on the GPU when there is one (device=None: the model's
+device, or CUDA when the model sits on the CPU and CUDA is available; the model is moved there), with
+autocast (bf16, else fp16) for fp32 models on CUDA. Features are cast to fp32 and normalised in fp32.
+
+`write_embeddings` streams a large input list into an .npy file through a memory map (memory is one
+batch), with a progress sidecar `<out>.progress.json` that makes an interrupted run resumable: a
+rerun continues after the last batch recorded there and produces the same file as one uninterrupted run.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# Inputs longer than this many batches get a progress bar when progress=None.
+_PROGRESS_MIN_BATCHES = 8
+PROGRESS_FORMAT = "clipforge-embed-progress/1"
+
+
+class ImageReadError(ValueError):
+    """An image input could not be read or decoded; the message names it."""
+
+
+# --------------------------------------------------------------------------------------------
+# Preprocessing (one place)
+# --------------------------------------------------------------------------------------------
+
+def _describe(item: Any, index: int | None = None) -> str:
+    where = f"image {index}" if index is not None else "image"
+    if isinstance(item, (str, os.PathLike)):
+        return f"{where} ({os.fspath(item)})"
+    return f"{where} ({type(item).__name__})"
+
+
+def _decode_error(exc: Exception) -> str:
+    from PIL import UnidentifiedImageError
+
+    if isinstance(exc, UnidentifiedImageError):
+        return "not a recognised image format"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def load_image(item: Any, index: int | None = None):
+    """A path, encoded bytes, Pillow image or numpy array -> 8-bit RGB Pillow image (EXIF orientation applied)."""
+    from PIL import Image
+
+    from .data import pil_decode
+    from .shards import pil_to_rgb
+
+    if isinstance(item, (str, os.PathLike)):
+        path = os.fspath(item)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            raise ImageReadError(f"cannot read {_describe(item, index)}: {exc.strerror or exc}") from None
+        try:
+            return pil_decode(data)
+        except Exception as exc:
+            raise ImageReadError(f"cannot decode {_describe(item, index)}: {_decode_error(exc)}") from None
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        try:
+            return pil_decode(bytes(item))
+        except Exception as exc:
+            raise ImageReadError(f"cannot decode {_describe(item, index)} ({len(item)} bytes): {_decode_error(exc)}") from None
+    if isinstance(item, Image.Image):
+        return pil_to_rgb(item)
+    if isinstance(item, np.ndarray):
+        arr = item
+        if arr.ndim == 3 and arr.shape[2] == 1:
+            arr = arr[:, :, 0]
+        if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))) or 0 in arr.shape:
+            raise ImageReadError(f"{_describe(item, index)}: a numpy image must be (H, W), (H, W, 1), (H, W, 3) or "
+                                 f"(H, W, 4), got shape {item.shape}")
+        if arr.dtype != np.uint8:
+            if not np.issubdtype(arr.dtype, np.floating):
+                raise ImageReadError(f"{_describe(item, index)}: a numpy image must be uint8 or float in [0, 1], "
+                                     f"got {arr.dtype}")
+            if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
+                raise ImageReadError(f"{_describe(item, index)}: float pixels must lie in [0, 1] "
+                                     f"(got [{np.nanmin(arr):.3g}, {np.nanmax(arr):.3g}]); pass uint8 for 0-255 data")
+            arr = np.rint(arr * 255.0).astype(np.uint8)
+        mode = "L" if arr.ndim == 2 else ("RGB" if arr.shape[2] == 3 else "RGBA")
+        return pil_to_rgb(Image.fromarray(np.ascontiguousarray(arr), mode))
+    raise ImageReadError(f"{_describe(item, index)}: unsupported image type {type(item).__name__}; pass a path, "
+                         "bytes, a PIL image, a numpy array or a preprocessed tensor")
+
+
+def preprocess(images: Sequence[Any], size: int) -> torch.Tensor:
+    """Images (paths, bytes, PIL, numpy) -> float32 (N, 3, size, size): bicubic shorter-side resize to
+    `size`, centre crop, RGB, CLIP mean/std. Raises ImageReadError naming the first unreadable one."""
+    from .data import normalize_uint8, pil_transform
+
+    pixels = [pil_transform(load_image(im, i), size, train=False) for i, im in enumerate(images)]
+    if not pixels:
+        return torch.empty(0, 3, size, size)
+    return normalize_uint8(torch.from_numpy(np.stack(pixels)))  # (N, S, S, 3) uint8 -> (N, 3, S, S)
+
+
+def _pixels_or_error(item: Any, index: int, size: int):
+    from .data import pil_transform
+
+    try:
+        return pil_transform(load_image(item, index), size, train=False), None
+    except ImageReadError as exc:
+        return None, str(exc)
+
+
+# --------------------------------------------------------------------------------------------
+# Devices, batching, progress
+# --------------------------------------------------------------------------------------------
+
+def _resolve_device(model: torch.nn.Module, device) -> torch.device:
+    current = next(model.parameters()).device
+    if device is None:
+        device = current if current.type != "cpu" or not torch.cuda.is_available() else torch.device("cuda")
+    device = torch.device(device)
+    if device != current:
+        model.to(device)
+    return device
+
+
+def _autocast(model: torch.nn.Module, device: torch.device, amp: bool):
+    if amp and device.type == "cuda" and model.dtype == torch.float32:
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast(device.type, enabled=False)
+
+
+def _progress(total_batches: int | None, progress: bool | None, desc: str):
+    show = progress if progress is not None else (total_batches is not None and total_batches >= _PROGRESS_MIN_BATCHES)
+    if not show:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total_batches, desc=desc, unit="batch", leave=False)
+
+
+def _check_batch_size(batch_size: int) -> int:
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return batch_size
+
+
+def _as_image_list(images) -> Iterable[Any]:
+    """Normalise the `images` argument: one image, a sequence / iterable of images, or a batch tensor/array."""
+    from PIL import Image
+
+    if isinstance(images, (str, os.PathLike, bytes, bytearray, Image.Image)):
+        return [images]
+    if isinstance(images, torch.Tensor):
+        if images.dim() == 3:
+            return [images]
+        if images.dim() == 4:
+            return images  # iterating yields (3, R, R) rows
+        raise ValueError(f"an image tensor must be (3, R, R) or (N, 3, R, R), got shape {tuple(images.shape)}")
+    if isinstance(images, np.ndarray):
+        if images.ndim == 4:
+            return images
+        if images.ndim in (2, 3):
+            return [images]
+        raise ValueError(f"a numpy image batch must be (N, H, W[, C]) or a single (H, W[, C]) image, got {images.shape}")
+    if isinstance(images, dict):
+        raise TypeError("images must be a sequence or iterable of images, not a dict")
+    return images
+
+
+def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def iter_image_batches(model, images, batch_size: int = 64, *, on_error: str = "raise", workers: int | None = None,
+                       start: int = 0) -> Iterator[tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]]:
+    """Preprocessed batches of `images`: (input indices kept, float32 (B, 3, R, R) or None, [(index, reason)] skipped).
+
+    Every batch covers `batch_size` consecutive inputs (the last may be shorter), whatever is skipped,
+    so batch b always covers inputs [start + b*batch_size, ...): resumable runs depend on this.
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    size = model.image_size
+    workers = workers if workers is not None else min(4, os.cpu_count() or 1)
+    pool = ThreadPoolExecutor(workers) if workers > 1 else None
+    try:
+        offset = start
+        for chunk in _chunks(images, batch_size):
+            kept, rows, skipped = [], [], []
+            pending = []
+            for j, item in enumerate(chunk):
+                i = offset + j
+                if isinstance(item, torch.Tensor):
+                    if item.dim() != 3 or tuple(item.shape) != (3, size, size):
+                        raise ValueError(f"image {i} is a tensor of shape {tuple(item.shape)}; tensors are taken as "
+                                         f"preprocessed model input and must be (3, {size}, {size})")
+                    pending.append((i, None, item.float()))
+                elif pool is not None:
+                    pending.append((i, pool.submit(_pixels_or_error, item, i, size), None))
+                else:
+                    pending.append((i, None, _pixels_or_error(item, i, size)))
+            uint8, tensors = [], []
+            for i, fut, value in pending:
+                value = fut.result() if fut is not None else value
+                if isinstance(value, torch.Tensor):
+                    kept.append(i)
+                    tensors.append((len(kept) - 1, value))
+                    continue
+                pixels, error = value
+                if error is not None:
+                    if on_error == "raise":
+                        raise ImageReadError(error)
+                    skipped.append((i, error))
+                    continue
+                kept.append(i)
+                uint8.append((len(kept) - 1, pixels))
+            if kept:
+                from .data import normalize_uint8
+
+                batch = torch.empty(len(kept), 3, size, size)
+                if uint8:
+                    batch[[p for p, _ in uint8]] = normalize_uint8(torch.from_numpy(np.stack([a for _, a in uint8])))
+                for p, t in tensors:
+                    batch[p] = t
+                rows = batch
+            yield kept, (rows if kept else None), skipped
+            offset += len(chunk)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _encode_images(model, batch: torch.Tensor, device: torch.device, amp: bool) -> np.ndarray:
+    with torch.no_grad(), _autocast(model, device, amp):
+        feats = model.encode_image(batch.to(device, non_blocking=True))
+    return F.normalize(feats.float(), dim=-1).cpu().numpy()
+
+
+def _tokenize(model, texts: Sequence[str]) -> torch.Tensor:
+    from .tokenizer import tokenize
+
+    return tokenize(list(texts), context_length=model.context_length)
+
+
+def _encode_texts(model, texts: Sequence[str], device: torch.device, amp: bool) -> np.ndarray:
+    tokens = _tokenize(model, texts)
+    with torch.no_grad(), _autocast(model, device, amp):
+        feats = model.encode_text(tokens.to(device, non_blocking=True))
+    return F.normalize(feats.float(), dim=-1).cpu().numpy()
+
+
+def _check_texts(texts) -> list[str]:
+    if isinstance(texts, str):
+        texts = [texts]
+    texts = list(texts)
+    if not texts:
+        raise ValueError("embed_texts got an empty list of texts; pass at least one string")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"text {i} is a {type(t).__name__}, not a str")
+    return texts
+
+
+def _len(x) -> int | None:
+    try:
+        return len(x)
+    except TypeError:
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+def embed_images(model, images, batch_size: int = 64, *, device=None, amp: bool = True, progress: bool | None = None,
+                 on_error: str = "raise", return_skipped: bool = False, workers: int | None = None):
+    """L2-normalised float32 embeddings (N, E) of `images` (see the module doc for the accepted types).
+
+    on_error: "raise" (ImageReadError naming the first unreadable image) or "skip" (unreadable images are
+    left out of the result and reported in a warning; with return_skipped=True the result is
+    (embeddings, [(input index, reason), ...])). progress: None shows a bar from 8 batches on.
+    """
+    batch_size = _check_batch_size(batch_size)
+    items = _as_image_list(images)
+    n = _len(items)
+    dev = _resolve_device(model, device)
+    was_training = model.training
+    model.eval()
+    out, skipped = [], []
+    bar = _progress(None if n is None else -(-n // batch_size), progress, "embed images")
+    try:
+        for kept, batch, skip in iter_image_batches(model, items, batch_size, on_error=on_error, workers=workers):
+            skipped.extend(skip)
+            if kept:
+                out.append(_encode_images(model, batch, dev, amp))
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        model.train(was_training)
+    if n == 0 or (n is None and not out and not skipped):
+        raise ValueError("embed_images got no images; pass at least one")
+    emb = np.concatenate(out) if out else np.zeros((0, model.config.embed_dim), np.float32)
+    if skipped and not return_skipped:
+        shown = "; ".join(r for _, r in skipped[:3])
+        warnings.warn(f"skipped {len(skipped)} unreadable image(s), not in the result: {shown}"
+                      + (" ..." if len(skipped) > 3 else ""), RuntimeWarning, stacklevel=2)
+    return (emb, skipped) if return_skipped else emb
+
+
+def embed_texts(model, texts, batch_size: int = 256, *, device=None, amp: bool = True,
+                progress: bool | None = None) -> np.ndarray:
+    """L2-normalised float32 embeddings (N, E) of `texts` (a string or a list of strings; long ones are truncated)."""
+    batch_size = _check_batch_size(batch_size)
+    texts = _check_texts(texts)
+    dev = _resolve_device(model, device)
+    was_training = model.training
+    model.eval()
+    bar = _progress(-(-len(texts) // batch_size), progress, "embed texts")
+    out = []
+    try:
+        for chunk in _chunks(texts, batch_size):
+            out.append(_encode_texts(model, chunk, dev, amp))
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        model.train(was_training)
+    return np.concatenate(out)
+
+
+def zero_shot_classifier(model, classnames: Sequence[str], templates="imagenet", *, batch_size: int = 256,
+                         device=None, amp: bool = True, progress: bool | None = None) -> np.ndarray:
+    """Prompt-ensemble class embeddings (C, E), float32, one L2-normalised row per class.
+
+    Each class row is the mean of the normalised text embeddings of every template filled with the
+    class name, normalised again (the CLIP paper's ensembling in embedding space). templates: a shipped
+    set name ("imagenet" = the paper's 80, see `clipforge.zeroshot.template_sets()`), a JSON file, or a
+    list of strings each holding one "{}".
+    """
+    from .zeroshot import check_classnames, get_templates
+
+    classnames = check_classnames(classnames)
+    templates = get_templates(templates)
+    batch_size = _check_batch_size(batch_size)
+    dev = _resolve_device(model, device)
+    was_training = model.training
+    model.eval()
+    sums = np.zeros((len(classnames), model.config.embed_dim), np.float64)
+    prompts = ((c, t.format(name)) for c, name in enumerate(classnames) for t in templates)
+    total = len(classnames) * len(templates)
+    bar = _progress(-(-total // batch_size), progress, "class prompts")
+    try:
+        for chunk in _chunks(prompts, batch_size):
+            emb = _encode_texts(model, [p for _, p in chunk], dev, amp)
+            np.add.at(sums, np.array([c for c, _ in chunk]), emb)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        model.train(was_training)
+    norms = np.linalg.norm(sums, axis=1, keepdims=True)
+    return (sums / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def logit_scale(model) -> float:
+    """exp(t) clamped to 100, the scale CLIP's logits use."""
+    return float(min(model.logit_scale.detach().float().exp().item(), 100.0))
+
+
+def classify(model, images, classifier: np.ndarray, batch_size: int = 64, *, device=None, amp: bool = True,
+             progress: bool | None = None, on_error: str = "raise", return_skipped: bool = False):
+    """Class probabilities (N, C) float32: softmax over classes of scale * cosine(image, class embedding).
+
+    classifier: (C, E) from `zero_shot_classifier` (or any row-normalised class embeddings). With
+    on_error="skip", unreadable images are left out (return_skipped=True also returns them).
+    """
+    emb, skipped = embed_images(model, images, batch_size, device=device, amp=amp, progress=progress,
+                                on_error=on_error, return_skipped=True, workers=None)
+    probs = probabilities(emb, classifier, logit_scale(model))
+    if skipped and not return_skipped:
+        warnings.warn(f"skipped {len(skipped)} unreadable image(s), not in the result: {skipped[0][1]}",
+                      RuntimeWarning, stacklevel=2)
+    return (probs, skipped) if return_skipped else probs
+
+
+def probabilities(image_emb: np.ndarray, classifier: np.ndarray, scale: float) -> np.ndarray:
+    """softmax(scale * image_emb @ classifierᵀ) over classes, float32 (N, C)."""
+    classifier = np.asarray(classifier, dtype=np.float32)
+    if classifier.ndim != 2 or classifier.shape[1] != image_emb.shape[1]:
+        raise ValueError(f"classifier must be (classes, {image_emb.shape[1]}), got shape {classifier.shape}")
+    logits = torch.from_numpy(image_emb) @ torch.from_numpy(classifier).t() * scale
+    return torch.softmax(logits, dim=1).numpy()
+
+
+class EmbeddingMixin:
+    """Methods the CLIP model carries: `embed_images`, `embed_texts`, `zero_shot_classifier`, `classify`."""
+
+    def embed_images(self, images, batch_size: int = 64, **kwargs):
+        return embed_images(self, images, batch_size, **kwargs)
+
+    def embed_texts(self, texts, batch_size: int = 256, **kwargs) -> np.ndarray:
+        return embed_texts(self, texts, batch_size, **kwargs)
+
+    def zero_shot_classifier(self, classnames, templates="imagenet", **kwargs) -> np.ndarray:
+        return zero_shot_classifier(self, classnames, templates, **kwargs)
+
+    def classify(self, images, classifier, batch_size: int = 64, **kwargs):
+        return classify(self, images, classifier, batch_size, **kwargs)
+
+
+for _name in ("embed_images", "embed_texts", "zero_shot_classifier", "classify"):
+    getattr(EmbeddingMixin, _name).__doc__ = globals()[_name].__doc__
+del _name
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming into an .npy file, resumable
+# --------------------------------------------------------------------------------------------
+
+def model_fingerprint(model) -> str:
+    """A short hash of the model's config and output projections (tells a resumed run it has the same model)."""
+    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
+    for name in ("text_projection", "logit_scale"):
+        h.update(getattr(model, name).detach().float().cpu().numpy().tobytes())
+    proj = getattr(model.visual, "proj", None)
+    if proj is None:
+        proj = model.visual.attnpool.c_proj.weight
+    h.update(proj.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _labels_digest(labels: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    for s in labels:
+        h.update(s.encode("utf-8", "surrogatepass"))
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def _write_json_atomic(path: str, obj: dict) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def progress_path(out: str) -> str:
+    return f"{out}.progress.json"
+
+
+def default_index_path(out: str) -> str:
+    stem = out[:-4] if out.endswith(".npy") else out
+    return f"{stem}.index.csv"
+
+
+def _shrink_npy(path: str, rows: int) -> None:
+    """Cut an .npy file (C order, 2-D) to its first `rows` rows in place: rewrite the header's shape, truncate."""
+    with open(path, "r+b") as f:
+        version = np.lib.format.read_magic(f)
+        if version not in ((1, 0), (2, 0)):
+            raise ValueError(f"{path}: unexpected .npy format version {version}")
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        data_start = f.tell()
+        if shape[0] == rows:
+            return
+        header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": fortran, "shape": (rows, *shape[1:])}
+        text = repr(header)
+        # Same header length as before (the new shape is never longer): pad with spaces before the newline.
+        size_len = 2 if version == (1, 0) else 4
+        room = data_start - 6 - 2 - size_len
+        if len(text) + 1 > room:
+            raise AssertionError("shrunk .npy header does not fit")
+        f.seek(6 + 2 + size_len)
+        f.write((text + " " * (room - len(text) - 1) + "\n").encode("latin1"))
+        f.truncate(data_start + rows * int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize)
+
+
+def write_embeddings(model, kind: str, items: Sequence[Any], out: str, *, labels: Sequence[str] | None = None,
+                     batch_size: int = 64, index: str | None = None, overwrite: bool = False, device=None,
+                     amp: bool = True, progress: bool | None = None, on_error: str = "skip",
+                     stop_after_batches: int | None = None,
+                     on_batch: Callable[[int, int], None] | None = None) -> dict:
+    """Embed `items` (kind "image" or "text") into the .npy file `out`, streaming, resumable.
+
+    Rows are written batch by batch into a memory-mapped (len(items), E) float32 array; after each
+    batch the data is flushed and `<out>.progress.json` records the inputs consumed, the rows written
+    and the skipped inputs. A rerun with the same inputs and model continues from there (batches are
+    deterministic, so the result equals one uninterrupted run). When every input is done, rows left
+    empty by skipped images are cut off the file, the index CSV (`row,source`, default
+    `<out stem>.index.csv`) is written, and the sidecar is removed. labels: the `source` of each item
+    in the index (default: str(item)). stop_after_batches: stop (resumably) after that many batches of
+    this call. on_batch(batch_number, rows_done) is called after each batch is recorded.
+    Returns {"rows", "skipped": [[input index, source, reason], ...], "complete", "out", "index"}.
+    """
+    if kind not in ("image", "text"):
+        raise ValueError(f"kind must be 'image' or 'text', got {kind!r}")
+    batch_size = _check_batch_size(batch_size)
+    items = list(items)
+    n = len(items)
+    if n == 0:
+        raise ValueError(f"nothing to embed into {out}: the list of {kind}s is empty")
+    if kind == "text":
+        _check_texts(items)
+    labels = [str(x) for x in (labels if labels is not None else items)]
+    if len(labels) != n:
+        raise ValueError(f"labels has {len(labels)} entries for {n} items")
+    out = os.fspath(out)
+    index = index or default_index_path(out)
+    side = progress_path(out)
+    dim = model.config.embed_dim
+    state = {"format": PROGRESS_FORMAT, "kind": kind, "count": n, "dim": dim, "batch_size": batch_size,
+             "inputs": _labels_digest(labels), "model": model_fingerprint(model), "items_done": 0, "rows_done": 0,
+             "skipped": []}
+    if overwrite:
+        for p in (side, out):
+            if os.path.exists(p):
+                os.remove(p)
+    if os.path.exists(side):
+        with open(side) as f:
+            try:
+                saved = json.load(f)
+            except json.JSONDecodeError:
+                raise ValueError(f"{side} is not a valid progress file; delete it (and {out}) or pass overwrite") from None
+        for key in ("format", "kind", "count", "dim", "batch_size", "inputs", "model"):
+            if saved.get(key) != state[key]:
+                raise ValueError(f"{out} was started with a different {key} ({saved.get(key)!r}, now {state[key]!r}); "
+                                 f"rerun with the same inputs, model and batch size, or pass overwrite to start again")
+        if not os.path.exists(out):
+            raise ValueError(f"{side} exists but {out} does not; delete the progress file or pass overwrite")
+        state = saved
+        mode = "r+"
+    elif os.path.exists(out):
+        raise FileExistsError(f"{out} already exists and holds no unfinished run; pass overwrite to replace it")
+    else:
+        mode = "w+"
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    if state["items_done"] < n:
+        arr = np.lib.format.open_memmap(out, mode=mode, dtype=np.float32, shape=(n, dim) if mode == "w+" else None)
+        if arr.shape != (n, dim):
+            raise ValueError(f"{out} has shape {arr.shape}, its progress file expects ({n}, {dim}); pass overwrite")
+        if mode == "w+":
+            arr.flush()
+            _write_json_atomic(side, state)
+        dev = _resolve_device(model, device)
+        was_training = model.training
+        model.eval()
+        start = state["items_done"]
+        remaining = -(-(n - start) // batch_size)
+        bar = _progress(remaining, progress, f"embed {kind}s")
+        try:
+            todo = items[start:]
+            if kind == "image":
+                batches = iter_image_batches(model, todo, batch_size, on_error=on_error, start=start)
+            else:
+                batches = ((list(range(start + b * batch_size, start + b * batch_size + len(c))), c, [])
+                           for b, c in enumerate(_chunks(todo, batch_size)))
+            for b, (kept, batch, skipped) in enumerate(batches):
+                if stop_after_batches is not None and b >= stop_after_batches:
+                    break
+                r = state["rows_done"]
+                if kept:
+                    emb = _encode_images(model, batch, dev, amp) if kind == "image" else _encode_texts(model, batch, dev, amp)
+                    arr[r : r + len(kept)] = emb
+                    arr.flush()  # the rows reach the file before the sidecar says they exist
+                state["rows_done"] = r + len(kept)
+                state["items_done"] = min(n, start + (b + 1) * batch_size)  # each batch covers batch_size inputs
+                state["skipped"].extend([i, labels[i], reason] for i, reason in skipped)
+                _write_json_atomic(side, state)
+                if bar is not None:
+                    bar.update(1)
+                if on_batch is not None:
+                    on_batch(b, state["rows_done"])
+        finally:
+            if bar is not None:
+                bar.close()
+            model.train(was_training)
+            del arr
+    complete = state["items_done"] == n
+    if complete:
+        _shrink_npy(out, state["rows_done"])
+        skipped_idx = {s[0] for s in state["skipped"]}
+        tmp = f"{index}.tmp"
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["row", "source"])
+            row = 0
+            for i, lab in enumerate(labels):
+                if i not in skipped_idx:
+                    w.writerow([row, lab])
+                    row += 1
+        os.replace(tmp, index)
+        os.remove(side)
+    return {"rows": state["rows_done"], "items_done": state["items_done"], "count": n,
+            "skipped": state["skipped"], "complete": complete, "out": out, "index": index if complete else None}

@@ -1,0 +1,484 @@
+"""Evaluation (`clipforge.eval`): zero-shot classification, image-text retrieval, linear probe.
+
+    report = zeroshot_eval(model, "val/", templates="imagenet")              # top1, top5, per class, confusion
+    report = retrieval_eval(model, "captions.csv")                            # image->text, text->image R@1/5/10
+    report = linear_probe(model, "train/", "test/")                          # L-BFGS logistic regression
+    report = evaluate(model, EvalConfig(task="zeroshot", data="val/"))       # what `clipforge eval` runs
+
+Datasets
+--------
+- Labelled images: an ImageFolder-style directory (one sub-folder per class, images anywhere below it;
+  class names default to the folder names with "_" read as spaces), or a labelled webdataset (a
+  folder of .tar shards, a glob, or "dir/{00000..00009}.tar"; each sample `key.<jpg|png|...>` +
+  `key.cls` holding the integer label; class names then come from `classes`).
+- Captioned images (retrieval): a CSV / TSV / JSON-lines table with an image-path column (image,
+  filepath, path, file) and a caption column (caption, text, title), paths relative to the table's
+  folder; several rows with the same image give that image several captions. Or webdataset shards
+  whose `key.txt` holds one caption per line.
+Unreadable images are skipped and reported (`skipped` in each report), never silently dropped.
+
+Retrieval uses `clipforge.retrieval.recall_at_k` (chunked top-k, never the images x captions matrix).
+The linear probe follows the CLIP paper (appendix A.3): scikit-learn's L-BFGS logistic regression on
+frozen, normalised image embeddings, with the inverse regularisation strength C chosen on a
+validation split held out of the training set (a coarse log-grid over [1e-6, 1e6] refined around the
+best value), then refitted on train + validation with that C and scored once on the test set.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .shards import IMAGE_EXTS, split_name
+
+TASKS = ("zeroshot", "retrieval", "linear-probe")
+_IMAGE_COLUMNS = ("image", "filepath", "path", "file", "image_path")
+_CAPTION_COLUMNS = ("caption", "text", "title", "captions")
+
+
+class EvalDataError(ValueError):
+    """An evaluation dataset cannot be used; the message names the file and what to fix."""
+
+
+@dataclass
+class EvalConfig:
+    """One evaluation run (what `clipforge eval` builds from its options)."""
+
+    task: str = "zeroshot"  # zeroshot | retrieval | linear-probe
+    data: str | None = None  # zeroshot / retrieval dataset
+    classes: str | list[str] | None = None  # class names: file, comma list, or list (default: folder names)
+    templates: str | list[str] = "imagenet"  # template set name, JSON file or list
+    train: str | None = None  # linear probe
+    test: str | None = None  # linear probe
+    val_fraction: float = 0.2
+    seed: int = 0
+    max_iter: int = 1000
+    ks: tuple[int, ...] = (1, 5, 10)
+    batch_size: int = 64
+    device: str | None = None
+    amp: bool = True  # autocast (bf16 / fp16) on CUDA
+    progress: bool | None = None
+    confusion_png: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# Datasets
+# --------------------------------------------------------------------------------------------
+
+def _is_image_name(name: str) -> bool:
+    return split_name(name)[1].lower() in IMAGE_EXTS and not os.path.basename(name).startswith(".")
+
+
+def _is_webdataset(spec: str) -> bool:
+    if any(c in spec for c in "*?[{") or spec.endswith(".tar"):
+        return True
+    return os.path.isdir(spec) and any(n.endswith(".tar") for n in os.listdir(spec))
+
+
+def image_folder(root: str) -> tuple[list[str], np.ndarray, list[str]]:
+    """An ImageFolder directory -> (image paths, int labels, class folder names), classes in sorted order."""
+    if not os.path.isdir(root):
+        raise EvalDataError(f"{root} is not a directory; give an ImageFolder-style folder with one sub-folder per class")
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
+    if not classes:
+        raise EvalDataError(f"{root} has no class sub-folders; put each class's images in a folder named after it")
+    paths, labels = [], []
+    for c, name in enumerate(classes):
+        for dirpath, dirnames, files in os.walk(os.path.join(root, name)):
+            dirnames.sort()
+            for fname in sorted(files):
+                if _is_image_name(fname):
+                    paths.append(os.path.join(dirpath, fname))
+                    labels.append(c)
+    if not paths:
+        raise EvalDataError(f"{root} holds no image files ({', '.join(IMAGE_EXTS)}) in its class folders")
+    return paths, np.asarray(labels, dtype=np.int64), classes
+
+
+def list_images(root: str) -> list[str]:
+    """Every image file below `root`, sorted (for unlabelled folders: `clipforge embed`, `clipforge zeroshot`)."""
+    if not os.path.isdir(root):
+        raise EvalDataError(f"{root} is not a directory of images")
+    out = []
+    for dirpath, dirnames, files in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        out.extend(os.path.join(dirpath, f) for f in sorted(files) if _is_image_name(f))
+    if not out:
+        raise EvalDataError(f"{root} holds no image files ({', '.join(IMAGE_EXTS)})")
+    return out
+
+
+def _webdataset_samples(spec: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(tar:key, {ext: bytes}) for every sample of the shards, in order, one sample in memory at a time."""
+    from .data import expand_shards
+    from .shards import scan_tar
+
+    for path in expand_shards(spec):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for key, comps in scan_tar(path):
+                yield f"{os.path.basename(path)}:{key}", {ext.lower(): os.pread(fd, size, off)
+                                                           for ext, (off, size, _) in comps.items()}
+        finally:
+            os.close(fd)
+
+
+def _image_of(comps: dict[str, bytes]) -> bytes | None:
+    return next((comps[e] for e in IMAGE_EXTS if e in comps), None)
+
+
+class _LabelledShards:
+    """A labelled webdataset as a lazy image sequence: iterating yields image bytes; labels and sample
+    keys are collected as it goes, samples without an image or a valid label are recorded as skipped."""
+
+    def __init__(self, spec: str):
+        self.spec = spec
+        self.keys: list[str] = []
+        self.labels: list[int] = []
+        self.skipped: list[list[str]] = []
+
+    def __iter__(self):
+        for key, comps in _webdataset_samples(self.spec):
+            img = _image_of(comps)
+            raw = comps.get("cls")
+            if img is None:
+                self.skipped.append([key, "no image in the sample"])
+                continue
+            try:
+                label = int(raw.decode("utf-8").strip()) if raw is not None else None
+            except (UnicodeDecodeError, ValueError):
+                label = None
+            if label is None or label < 0:
+                self.skipped.append([key, "missing or non-integer .cls label"])
+                continue
+            self.keys.append(key)
+            self.labels.append(label)
+            yield img
+
+
+def _classnames_for(found: list[str] | None, classes, n_labels: int | None, where: str) -> list[str]:
+    from .zeroshot import check_classnames, read_classnames
+
+    if classes is not None:
+        names = read_classnames(classes)
+        if found is not None and len(names) != len(found):
+            raise EvalDataError(f"{where} has {len(found)} class folders but {len(names)} class names were given; "
+                                "give one name per folder, in sorted folder order")
+        if n_labels is not None and n_labels > len(names):
+            raise EvalDataError(f"{where} holds label {n_labels - 1} but only {len(names)} class names were given")
+        return names
+    if found is None:
+        raise EvalDataError(f"{where} is a webdataset with integer labels: give the class names (classes=FILE)")
+    return check_classnames([f.replace("_", " ") for f in found])
+
+
+def embed_labelled(model, spec: str, *, batch_size: int = 64, device=None, amp: bool = True, progress=None):
+    """Embeddings of a labelled dataset -> (emb (N, E), labels (N,), class folder names or None, sources, skipped)."""
+    if _is_webdataset(spec):
+        shards = _LabelledShards(spec)
+        emb, bad = model.embed_images(shards, batch_size, device=device, amp=amp, progress=progress, on_error="skip",
+                                      return_skipped=True)
+        bad_idx = {i for i, _ in bad}
+        keep = [i for i in range(len(shards.keys)) if i not in bad_idx]
+        skipped = shards.skipped + [[shards.keys[i], r] for i, r in bad]
+        labels = np.asarray(shards.labels, dtype=np.int64)[keep]
+        return emb, labels, None, [shards.keys[i] for i in keep], skipped
+    paths, labels, folders = image_folder(spec)
+    emb, bad = model.embed_images(paths, batch_size, device=device, amp=amp, progress=progress, on_error="skip",
+                                  return_skipped=True)
+    bad_idx = {i for i, _ in bad}
+    keep = [i for i in range(len(paths)) if i not in bad_idx]
+    return emb, labels[keep], folders, [paths[i] for i in keep], [[paths[i], r] for i, r in bad]
+
+
+# --------------------------------------------------------------------------------------------
+# Zero-shot
+# --------------------------------------------------------------------------------------------
+
+def topk_accuracy(scores: np.ndarray, labels: np.ndarray, k: int) -> float:
+    """Fraction of rows whose label is among the k highest scores."""
+    k = min(k, scores.shape[1])
+    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    return float((top == labels[:, None]).any(1).mean())
+
+
+def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
+    """(C, C) int64: rows true class, columns predicted class."""
+    return np.bincount(labels * num_classes + preds, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def zeroshot_eval(model, data: str, classes=None, templates="imagenet", *, batch_size: int = 64, device=None,
+                  amp: bool = True, progress=None, confusion_png: str | None = None) -> dict:
+    """Zero-shot top-1 / top-5 accuracy on a labelled dataset (see the module doc); optional confusion PNG."""
+    from .api import logit_scale, probabilities
+    from .zeroshot import get_templates
+
+    templates = get_templates(templates)
+    emb, labels, folders, _, skipped = embed_labelled(model, data, batch_size=batch_size, device=device,
+                                                      amp=amp, progress=progress)
+    n_labels = int(labels.max()) + 1 if len(labels) else None
+    names = _classnames_for(folders, classes, n_labels, data)
+    if len(names) < 2:
+        raise EvalDataError(f"{data} has {len(names)} class; zero-shot classification needs at least two classes")
+    if len(labels) == 0:
+        raise EvalDataError(f"{data}: no readable labelled image ({len(skipped)} skipped, first: {skipped[:1]})")
+    clf = model.zero_shot_classifier(names, templates, device=device, amp=amp, progress=progress)
+    probs = probabilities(emb, clf, logit_scale(model))
+    preds = probs.argmax(1)
+    c = len(names)
+    cm = confusion_matrix(labels, preds, c)
+    support = cm.sum(1)
+    per_class = {names[i]: (float(cm[i, i] / support[i]) if support[i] else None) for i in range(c)}
+    recalls = [v for v in per_class.values() if v is not None]
+    report = {
+        "task": "zeroshot", "data": data, "images": int(len(labels)), "classes": c, "templates": len(templates),
+        "top1": topk_accuracy(probs, labels, 1), "top5": topk_accuracy(probs, labels, 5),
+        "mean_per_class_recall": float(np.mean(recalls)), "per_class_accuracy": per_class,
+        "skipped": skipped,
+    }
+    if c <= 100:  # a 1000-class matrix is 1M numbers: the PNG carries it
+        report["confusion_matrix"] = cm.tolist()
+    if confusion_png:
+        save_confusion_png(cm, names, confusion_png, title=f"zero-shot top-1 {report['top1']:.1%} on {len(labels)} images")
+        report["confusion_png"] = confusion_png
+    return report
+
+
+def save_confusion_png(cm: np.ndarray, names: Sequence[str], path: str, title: str = "") -> None:
+    """Row-normalised confusion matrix as a PNG (matplotlib Agg, no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    c = len(names)
+    rows = cm.sum(1, keepdims=True)
+    frac = np.divide(cm, rows, out=np.zeros(cm.shape, float), where=rows > 0)
+    side = min(4 + 0.35 * c, 30)
+    fig = Figure(figsize=(side, side * 0.9))
+    ax = fig.add_subplot()
+    im = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    if c <= 40:
+        ax.set_xticks(range(c), labels=names, rotation=90, fontsize=8)
+        ax.set_yticks(range(c), labels=names, fontsize=8)
+        if c <= 20:
+            for i in range(c):
+                for j in range(c):
+                    if cm[i, j]:
+                        ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
+                                color="white" if frac[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title or "zero-shot confusion matrix")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100)
+
+
+# --------------------------------------------------------------------------------------------
+# Retrieval
+# --------------------------------------------------------------------------------------------
+
+def _read_table(path: str) -> list[dict[str, Any]]:
+    if path.endswith((".jsonl", ".json")):
+        rows = []
+        with open(path, encoding="utf-8") as f:
+            if path.endswith(".json"):
+                data = json.load(f)
+                if not isinstance(data, list):
+                    raise EvalDataError(f"{path} must hold a JSON list of {{\"image\": ..., \"caption\": ...}} rows")
+                return data
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as exc:
+                        raise EvalDataError(f"{path} line {n} is not JSON: {exc}") from None
+        return rows
+    with open(path, encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t" if path.endswith(".tsv") else ","))
+
+
+def _column(row_keys, wanted: tuple[str, ...], what: str, path: str) -> str:
+    lower = {k.lower(): k for k in row_keys if isinstance(k, str)}
+    for w in wanted:
+        if w in lower:
+            return lower[w]
+    raise EvalDataError(f"{path} has no {what} column (looked for {', '.join(wanted)}; found {', '.join(map(str, row_keys))})")
+
+
+def captioned_images(spec: str) -> tuple[list[Any], list[str], list[str], list[int]]:
+    """A captioned dataset -> (images (paths or bytes), image sources, captions, caption -> image index)."""
+    images, sources, captions, owner = [], [], [], []
+    if os.path.isfile(spec) and spec.endswith((".csv", ".tsv", ".jsonl", ".json")):
+        rows = _read_table(spec)
+        if not rows:
+            raise EvalDataError(f"{spec} holds no rows")
+        icol = _column(rows[0].keys(), _IMAGE_COLUMNS, "image-path", spec)
+        ccol = _column(rows[0].keys(), _CAPTION_COLUMNS, "caption", spec)
+        base = os.path.dirname(os.path.abspath(spec))
+        where: dict[str, int] = {}
+        for r in rows:
+            img, cap = r.get(icol), r.get(ccol)
+            caps = cap if isinstance(cap, list) else [cap]
+            caps = [c.strip() for c in caps if isinstance(c, str) and c.strip()]
+            if not img or not caps:
+                continue
+            if img not in where:
+                where[img] = len(images)
+                images.append(os.path.join(base, img))
+                sources.append(img)
+            captions.extend(caps)
+            owner.extend([where[img]] * len(caps))
+    elif _is_webdataset(spec):
+        for key, comps in _webdataset_samples(spec):
+            img, txt = _image_of(comps), comps.get("txt")
+            caps = [c.strip() for c in txt.decode("utf-8", "replace").splitlines() if c.strip()] if txt else []
+            if img is None or not caps:
+                continue
+            captions.extend(caps)
+            owner.extend([len(images)] * len(caps))
+            images.append(img)
+            sources.append(key)
+    else:
+        raise EvalDataError(f"{spec}: give a CSV/TSV/JSON-lines caption table or webdataset shards for retrieval")
+    if not images:
+        raise EvalDataError(f"{spec} holds no image with a caption")
+    return images, sources, captions, owner
+
+
+def retrieval_eval(model, data: str, *, ks: Sequence[int] = (1, 5, 10), batch_size: int = 64, device=None,
+                   amp: bool = True, progress=None, chunk_size: int | None = None) -> dict:
+    """Image->text and text->image recall@K on a captioned dataset (chunked top-k; see the module doc)."""
+    from .retrieval import recall_at_k
+
+    images, sources, captions, owner = captioned_images(data)
+    img_emb, bad = model.embed_images(images, batch_size, device=device, amp=amp, progress=progress, on_error="skip",
+                                      return_skipped=True)
+    bad_idx = {i for i, _ in bad}
+    new_index = np.full(len(images), -1, dtype=np.int64)
+    keep = [i for i in range(len(images)) if i not in bad_idx]
+    new_index[keep] = np.arange(len(keep))
+    owner = new_index[np.asarray(owner)]
+    caption_keep = owner >= 0
+    captions = [c for c, k in zip(captions, caption_keep) if k]
+    if not keep:
+        raise EvalDataError(f"{data}: none of its {len(images)} images could be read (first: {bad[0][1]})")
+    txt_emb = model.embed_texts(captions, device=device, amp=amp, progress=progress)
+    recalls = recall_at_k(torch.from_numpy(img_emb), torch.from_numpy(txt_emb), torch.from_numpy(owner[caption_keep]),
+                          ks=ks, chunk_size=chunk_size)
+    return {"task": "retrieval", "data": data, "images": len(keep), "captions": len(captions), **recalls,
+            "skipped": [[sources[i], r] for i, r in bad]}
+
+
+# --------------------------------------------------------------------------------------------
+# Linear probe
+# --------------------------------------------------------------------------------------------
+
+def _fit(x, y, c: float, max_iter: int, seed: int):
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    clf = LogisticRegression(C=c, max_iter=max_iter, random_state=seed)  # lbfgs, multinomial
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        clf.fit(x, y)
+    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+    return clf, converged
+
+
+def search_regularisation(x_tr, y_tr, x_val, y_val, *, max_iter: int = 1000, seed: int = 0,
+                          grid: Sequence[float] | None = None) -> tuple[float, dict[str, float]]:
+    """The C (inverse L2 strength) with the best validation accuracy: a log-grid over [1e-6, 1e6] in steps
+    of 100x, then the neighbours of the best at 10x and sqrt(10)x. Returns (best C, {C: accuracy})."""
+    scores: dict[float, float] = {}
+
+    def score(c: float) -> float:
+        if c not in scores:
+            clf, _ = _fit(x_tr, y_tr, c, max_iter, seed)
+            scores[c] = float((clf.predict(x_val) == y_val).mean())
+        return scores[c]
+
+    for c in grid if grid is not None else [10.0**e for e in range(-6, 7, 2)]:
+        score(c)
+    if grid is None:
+        best = max(scores, key=lambda c: (scores[c], -abs(np.log10(c))))
+        for f in (10.0, 10**0.5):
+            for c in (best / f, best * f):
+                if 1e-6 <= c <= 1e6:
+                    score(c)
+    best = max(scores, key=lambda c: (scores[c], -abs(np.log10(c))))  # ties: the milder regularisation change
+    return best, {f"{c:.3g}": a for c, a in sorted(scores.items())}
+
+
+def linear_probe(model, train: str, test: str, *, classes=None, val_fraction: float = 0.2, seed: int = 0,
+                 max_iter: int = 1000, batch_size: int = 64, device=None, amp: bool = True, progress=None,
+                 grid: Sequence[float] | None = None) -> dict:
+    """Logistic-regression probe on frozen image embeddings: C chosen on a validation split of `train`,
+    refit on all of `train`, top-1 / top-5 on `test`. `train` and `test` are labelled datasets (module doc)."""
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    x_tr, y_tr, f_tr, _, skip_tr = embed_labelled(model, train, batch_size=batch_size, device=device, amp=amp, progress=progress)
+    x_te, y_te, f_te, _, skip_te = embed_labelled(model, test, batch_size=batch_size, device=device, amp=amp, progress=progress)
+    if f_tr is not None and f_te is not None and f_tr != f_te:
+        unknown = sorted(set(f_te) - set(f_tr))
+        if unknown:
+            raise EvalDataError(f"{test} has classes not in {train}: {', '.join(unknown[:5])}")
+        remap = np.array([f_tr.index(f) for f in f_te])
+        y_te = remap[y_te]
+    classes_seen = np.unique(y_tr)
+    if len(classes_seen) < 2:
+        raise EvalDataError(f"{train} needs at least two classes with readable images for a linear probe")
+    from sklearn.model_selection import train_test_split
+
+    counts = np.bincount(y_tr)
+    stratify = y_tr if counts[counts > 0].min() >= 2 and int(val_fraction * len(y_tr)) >= len(classes_seen) else None
+    idx_fit, idx_val = train_test_split(np.arange(len(y_tr)), test_size=val_fraction, random_state=seed,
+                                        stratify=stratify)
+    best_c, val_scores = search_regularisation(x_tr[idx_fit], y_tr[idx_fit], x_tr[idx_val], y_tr[idx_val],
+                                               max_iter=max_iter, seed=seed, grid=grid)
+    clf, converged = _fit(x_tr, y_tr, best_c, max_iter, seed)
+    scores = clf.predict_proba(x_te)  # columns follow clf.classes_
+    cols = {c: j for j, c in enumerate(clf.classes_)}
+    full = np.full((len(y_te), int(max(y_tr.max(), y_te.max())) + 1), -np.inf)
+    for c, j in cols.items():
+        full[:, c] = scores[:, j]
+    names = None
+    if classes is not None or f_tr is not None:
+        names = _classnames_for(f_tr, classes, int(max(y_tr.max(), y_te.max())) + 1, train)
+    return {
+        "task": "linear-probe", "train": train, "test": test, "train_images": int(len(y_tr)),
+        "test_images": int(len(y_te)), "classes": int(full.shape[1]), "class_names": names,
+        "top1": topk_accuracy(full, y_te, 1), "top5": topk_accuracy(full, y_te, 5),
+        "C": best_c, "validation_accuracy": val_scores, "converged": converged,
+        "skipped": skip_tr + skip_te,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Dispatch
+# --------------------------------------------------------------------------------------------
+
+def evaluate(model, cfg: EvalConfig) -> dict:
+    """Run the evaluation `cfg.task` describes and return its JSON-ready report."""
+    if cfg.task not in TASKS:
+        raise ValueError(f"unknown evaluation task {cfg.task!r}; choose one of {', '.join(TASKS)}")
+    common = dict(batch_size=cfg.batch_size, device=cfg.device, amp=cfg.amp, progress=cfg.progress)
+    if cfg.task == "linear-probe":
+        if not cfg.train or not cfg.test:
+            raise ValueError("the linear probe needs a training set and a test set (train=..., test=...)")
+        return linear_probe(model, cfg.train, cfg.test, classes=cfg.classes, val_fraction=cfg.val_fraction,
+                            seed=cfg.seed, max_iter=cfg.max_iter, **common)
+    if not cfg.data:
+        raise ValueError(f"the {cfg.task} evaluation needs a dataset (data=...)")
+    if cfg.task == "zeroshot":
+        return zeroshot_eval(model, cfg.data, cfg.classes, cfg.templates, confusion_png=cfg.confusion_png, **common)
+    return retrieval_eval(model, cfg.data, ks=cfg.ks, **common)
