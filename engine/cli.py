@@ -10,30 +10,38 @@ import argparse
 import importlib
 import sys
 
-# sub-command -> (module, one-line help). Modules are imported only when their command runs.
+# sub-command -> (module, one-line help). A module is imported only when its command runs, so
+# `clipforge --help` stays fast and an import error in one module is reported, never hidden.
+# Benchmarks are not a sub-command: they live in the repository's benchmarks/ and run under pytest.
 COMMANDS = {
     "make-shards": ("clipforge.shards", "write webdataset shards from a folder or CSV/Parquet of images and captions"),
     "train": ("clipforge.train", "train a CLIP model (DeepSpeed ZeRO, gradient caching)"),
     "embed": ("clipforge.cli_serve", "embed images or texts into a .npy file"),
     "zeroshot": ("clipforge.cli_serve", "zero-shot classify a folder of images"),
     "eval": ("clipforge.cli_serve", "evaluate: zero-shot, retrieval or linear probe"),
-    "bench": ("clipforge.bench", "run the benchmarks"),
     "plan": ("clipforge.plan", "plan memory, micro-batch and step time for a cluster"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _chosen(argv) -> str | None:
+    for tok in argv:
+        if tok in COMMANDS:
+            return tok
+        if not tok.startswith("-"):
+            return None
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only `command`'s module is imported and asked for its arguments."""
     parser = argparse.ArgumentParser(prog="clipforge", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
         p.set_defaults(_module=module)
-        try:
+        if name == command:
             mod = importlib.import_module(module)
-        except ImportError:
-            p.set_defaults(_missing=True)
-            continue
-        mod.add_arguments(p, name) if _takes_name(mod.add_arguments) else mod.add_arguments(p)
+            mod.add_arguments(p, name) if _takes_name(mod.add_arguments) else mod.add_arguments(p)
     return parser
 
 
@@ -44,13 +52,11 @@ def _takes_name(fn) -> bool:
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_chosen(argv))
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()
-        return 2
-    if getattr(args, "_missing", False):
-        print(f"clipforge {args.command}: not available in this build ({args._module} is missing)", file=sys.stderr)
         return 2
     mod = importlib.import_module(args._module)
     return int(mod.run(args) or 0)
