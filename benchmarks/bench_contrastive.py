@@ -116,7 +116,7 @@ def test_cpu_contrastive_fwd_bwd(benchmark, n, provider):
         img.grad = txt.grad = scale.grad = None
         loss_fn(img, txt, scale).backward()
 
-    rounds = 3 if n <= 8192 else 1
+    rounds = 5 if n <= 8192 else 1
     benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=1 if n <= 8192 else 0)
     extra_kib = _peak_extra_kib(n, d, provider)
     seconds = benchmark.stats.stats.min

@@ -4,12 +4,12 @@
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "clipforge C++ extension: chunked similarity, log-sum-exp statistics, top-k";
   m.def("contrastive_forward", &clipforge::contrastive_forward,
-        "Row log-sum-exps and partial column (max, sum-exp) of scale*image@text^T, chunked (CPU).",
-        py::arg("image"), py::arg("text"), py::arg("scale"), py::arg("chunk_size") = 0);
+        "Row log-sum-exps and partial column (reference, sum-exp) of scale*image@text^T, chunked (CPU).",
+        py::arg("image"), py::arg("text"), py::arg("scale"), py::arg("chunk_size") = 0, py::arg("mode") = 0);
   m.def("contrastive_backward", &clipforge::contrastive_backward,
         "Gradients (d_image, d_text partial, d_scale partial) of the CLIP loss from saved statistics (CPU).",
         py::arg("image"), py::arg("text"), py::arg("scale"), py::arg("row_lse"), py::arg("col_lse"),
-        py::arg("row_offset"), py::arg("coef"), py::arg("chunk_size") = 0);
+        py::arg("row_offset"), py::arg("coef"), py::arg("chunk_size") = 0, py::arg("mode") = 0);
   m.def("chunked_topk", &clipforge::chunked_topk,
         "Top-k columns per row of a@b^T without the full matrix: (values, int64 indices) (CPU).",
         py::arg("a"), py::arg("b"), py::arg("k"), py::arg("row_chunk") = 0, py::arg("col_chunk") = 0);

@@ -7,6 +7,18 @@
 //   G = coef * (P - 2 delta),  dI = s G T,  dT = s G^T I,  ds = sum_ij G_ij <I_i, T_j>  (CLIP.md).
 // Four GEMMs of 2*n*m*d FLOPs in all; memory: one chunk of logits plus a 16-row scratch, O((n+m) d).
 //
+// Elementwise work, float32 (the training case): one exp per logit in each pass, in loops the compiler
+// vectorises (AVX-512 / AVX2 clones chosen at load time), instead of two exps and ~7 ATen passes.
+//   forward:  exp(l_ij - M) with M the max of a slice of rows gives both the row sums (rescaled by
+//             exp(M - ...) per row) and the column sums (folded into float64 with one scalar per slice);
+//   backward: exp(l_ij - r_i) + exp(l_ij - c_j) = exp(l_ij - R) * (exp(R - r_i) + exp(R - c_j)) with
+//             R the largest log-sum-exp: one exp and one multiply-add per logit.
+// Both hold only while the numbers they factor stay in float32's range. They are checked, never assumed:
+// a row or column whose sum falls below 1e-25 of its reference (a logit spread beyond ~57), or
+// log-sum-exps that span more than 50, take the exact two-exp path below (float64 always does).
+// At N = 8192, d = 512 on the 2-core dev box this took fwd+bwd from 0.97 s to 0.85-0.90 s: the four
+// GEMMs alone take ~0.8 s, so the elementwise work is now ~5% (docs/BENCHMARKS.md).
+//
 // Threading: GEMMs through ATen (MKL uses every core; measured on the 2-core dev box at N = 8192,
 // d = 512: 256-2048-row chunks run at 115-145 GFLOP/s, as fast as one big GEMM, so an OpenMP loop
 // over chunks with single-threaded GEMMs would only add one logits buffer per thread). The elementwise
@@ -20,17 +32,153 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <vector>
 
 namespace clipforge {
 namespace {
 
-// One chunk of logits is ~8 MiB: at N = 8192 that is 256 rows, still a full-speed GEMM, and keeps
-// the loss's extra memory (besides the gradients themselves) far below the 64 MB budget.
-constexpr int64_t kTargetChunkBytes = 8 << 20;
+// One chunk of logits is ~16 MiB: at N = 8192 that is 512 rows. Measured there (d = 512, 2 cores),
+// fwd+bwd took 0.85-0.90 s with 512-row chunks against 0.90-0.93 s with 256 (fewer passes of the
+// d_text accumulation over its 16 MB), and the loss's extra peak, gradients (32 MB) included, stays
+// under the 64 MB budget (34-51 MB measured).
+constexpr int64_t kTargetChunkBytes = 16 << 20;
 // Elementwise passes (exp, max, sums) run on 16-row slices of the chunk, which stay in L2 between
 // passes instead of streaming the whole chunk from DRAM once per pass.
 constexpr int64_t kSliceRows = 16;
+// Fast paths: a row (column) sum below this, relative to its reference, means logits ~57 below the
+// slice maximum dominate it; every exp below e^-87 is clamped to ~1.6e-38, so a sum >= 1e-25 is exact to
+// ~1e-9 relative even with 8192 clamped terms. Backward: log-sum-exps within 50 of each other keep every
+// factor exp(R - lse) below e^50 and every exp(l - R) that matters above e^-80 (a normal float).
+constexpr double kMinFastSum = 1e-25;
+constexpr double kMaxFastSpan = 50.0;
+constexpr int64_t kModeAuto = 0, kModeExact = 1, kModeFast = 2;
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define CLIPFORGE_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define CLIPFORGE_MULTIVERSION
+#endif
+
+// 16 floats as one value: GCC/Clang vector extensions, so each target clone below compiles the same
+// code to its own ISA (one zmm on AVX-512, two ymm on AVX2, four xmm otherwise).
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+constexpr int64_t kLanes = 16;
+
+__attribute__((always_inline)) inline f32x16 load16(const float* p) {
+  f32x16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+__attribute__((always_inline)) inline void store16(float* p, f32x16 v) { std::memcpy(p, &v, sizeof v); }
+__attribute__((always_inline)) inline f32x16 splat(float x) { return f32x16{} + x; }
+// The first `count` lanes from p, the rest `fill`.
+__attribute__((always_inline)) inline f32x16 load_tail(const float* p, int64_t count, float fill) {
+  float tmp[kLanes];
+  for (int64_t k = 0; k < kLanes; ++k) tmp[k] = k < count ? p[k] : fill;
+  return load16(tmp);
+}
+
+// exp(x) lane-wise for x <= ~0.3 (the callers pass logit - reference <= 0), relative error ~2 ulp
+// (Cephes' expf polynomial after x = n ln2 + r); x below -87 is clamped there (~1.6e-38, never a
+// denormal); NaN propagates (the clamp's comparison is false for NaN).
+__attribute__((always_inline)) inline f32x16 exp_nonpositive(f32x16 x) {
+  const f32x16 floor_x = splat(-87.0f);
+  x = x < floor_x ? floor_x : x;
+  const i32x16 n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, i32x16);  // round(x / ln2)
+  const f32x16 fn = __builtin_convertvector(n, f32x16);
+  const f32x16 r = (x - fn * 0.693359375f) - fn * -2.12194440e-4f;  // ln2 split in two parts
+  f32x16 p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const i32x16 two_n = (n + 127) << 23;  // the bits of 2^n, n >= -126
+  return p * reinterpret_cast<const f32x16&>(two_n);
+}
+
+__attribute__((always_inline)) inline float hsum(f32x16 v) {
+  float t = 0.0f;
+  for (int64_t k = 0; k < kLanes; ++k) t += v[k];
+  return t;
+}
+
+// One slice of `rows` logit rows (row stride m): returns the slice max M; row_sum[i] = sum_j
+// exp(l_ij - M) (float64), col_part[j] += sum_i exp(l_ij - M) (float32, 16 rows at most).
+CLIPFORGE_MULTIVERSION
+float forward_slice_f32(const float* logits, int64_t rows, int64_t m, double* row_sum, float* col_part) {
+  const int64_t full = m - m % kLanes, tail = m - full;
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  f32x16 vmax = splat(neg_inf);
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* l = logits + i * m;
+    for (int64_t j = 0; j < full; j += kLanes) {
+      const f32x16 x = load16(l + j);
+      vmax = x > vmax ? x : vmax;
+    }
+    if (tail) {
+      const f32x16 x = load_tail(l + full, tail, neg_inf);
+      vmax = x > vmax ? x : vmax;
+    }
+  }
+  float mx = neg_inf;
+  for (int64_t k = 0; k < kLanes; ++k) mx = std::max(mx, vmax[k]);
+  const f32x16 vm = splat(mx);
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* l = logits + i * m;
+    double total = 0.0;
+    for (int64_t j0 = 0; j0 < full; j0 += 1024) {  // float partial sums of <= 1024 terms, added in float64
+      const int64_t j1 = std::min(full, j0 + 1024);
+      f32x16 acc = f32x16{};
+      for (int64_t j = j0; j < j1; j += kLanes) {
+        const f32x16 e = exp_nonpositive(load16(l + j) - vm);
+        acc += e;
+        store16(col_part + j, load16(col_part + j) + e);
+      }
+      total += hsum(acc);
+    }
+    if (tail) {
+      const f32x16 e = exp_nonpositive(load_tail(l + full, tail, neg_inf) - vm);  // exp(-inf) lanes: ~1e-38
+      for (int64_t k = 0; k < tail; ++k) {
+        total += e[k];
+        col_part[full + k] += e[k];
+      }
+    }
+    row_sum[i] = total;
+  }
+  return mx;
+}
+
+// In place: p_ij = exp(l_ij - R) * (u_i + v_j), u_i = exp(R - r_i), v_j = exp(R - c_j).
+CLIPFORGE_MULTIVERSION
+void backward_slice_f32(float* p, int64_t rows, int64_t m, float R, const float* u, const float* v) {
+  const int64_t full = m - m % kLanes, tail = m - full;
+  const f32x16 vr = splat(R);
+  for (int64_t i = 0; i < rows; ++i) {
+    float* l = p + i * m;
+    const f32x16 ui = splat(u[i]);
+    for (int64_t j = 0; j < full; j += kLanes) {
+      store16(l + j, exp_nonpositive(load16(l + j) - vr) * (ui + load16(v + j)));
+    }
+    if (tail) {
+      const f32x16 e = exp_nonpositive(load_tail(l + full, tail, 0.0f) - vr) * (ui + load_tail(v + full, tail, 0.0f));
+      for (int64_t k = 0; k < tail; ++k) l[full + k] = e[k];
+    }
+  }
+}
+
+// log(sum_j exp(l_j)) of one row, exactly (its own max as reference).
+double row_lse_exact(const float* l, int64_t m) {
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < m; ++j) mx = std::max(mx, l[j]);
+  double total = 0.0;
+  for (int64_t j = 0; j < m; ++j) total += std::exp(static_cast<double>(l[j]) - mx);
+  return mx + std::log(total);
+}
 
 void check_features(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), "clipforge._C: ", name, " must be a CPU tensor, got one on ", t.device());
@@ -79,9 +227,74 @@ int64_t auto_chunk_rows(int64_t rows, int64_t cols, int64_t elem_size, int64_t t
   return std::max<int64_t>(1, std::min(chunk, std::max<int64_t>(rows, 1)));
 }
 
+namespace {
+
+void check_mode(int64_t mode) {
+  TORCH_CHECK(mode == kModeAuto || mode == kModeExact || mode == kModeFast, "clipforge._C: mode must be 0 (auto), ",
+              "1 (exact two-exp path) or 2 (fast path, error if the inputs leave its range), got ", mode);
+}
+
+// The fast float32 statistics of one chunk of logits (rows x m): complete row log-sum-exps into
+// row_lse, and the chunk's column log-sum-exps into chunk_col_lse. Returns false (nothing usable
+// in chunk_col_lse) when a column sum left the fast path's range; the caller redoes the chunk exactly.
+bool forward_chunk_fast(const at::Tensor& logits, double* row_lse, double* chunk_col_lse, float* col_part_buf,
+                        double* col_acc_buf, std::vector<double>& thread_ref) {
+  const int64_t rows = logits.size(0), m = logits.size(1);
+  const float* base = logits.data_ptr<float>();
+  const int64_t slice = std::max<int64_t>(4, std::min<int64_t>(kSliceRows, 65536 / std::max<int64_t>(m, 1)));
+  const double neg_inf = -std::numeric_limits<double>::infinity();
+  std::fill(thread_ref.begin(), thread_ref.end(), neg_inf);
+  std::fill(col_acc_buf, col_acc_buf + thread_ref.size() * m, 0.0);
+  at::parallel_for(0, (rows + slice - 1) / slice, 1, [&](int64_t begin, int64_t end) {
+    const int64_t tid = at::get_thread_num();
+    float* part = col_part_buf + tid * m;
+    double* acc = col_acc_buf + tid * m;
+    double& ref = thread_ref[tid];
+    double sums[kSliceRows];
+    for (int64_t sl = begin; sl < end; ++sl) {
+      const int64_t s0 = sl * slice, srows = std::min(slice, rows - s0);
+      const float* l = base + s0 * m;
+      std::fill(part, part + m, 0.0f);
+      const double mx = forward_slice_f32(l, srows, m, sums, part);
+      for (int64_t i = 0; i < srows; ++i) {
+        row_lse[s0 + i] = sums[i] >= kMinFastSum ? mx + std::log(sums[i]) : row_lse_exact(l + i * m, m);
+      }
+      // fold this slice's column sums (reference mx) into the thread's float64 sums (reference ref)
+      if (mx > ref) {
+        if (ref > neg_inf) {
+          const double down = std::exp(ref - mx);
+          for (int64_t j = 0; j < m; ++j) acc[j] *= down;
+        }
+        ref = mx;
+      }
+      const double f = std::exp(mx - ref);  // NaN logits make this NaN: the loss is NaN, not hidden
+      for (int64_t j = 0; j < m; ++j) acc[j] += f * part[j];
+    }
+  });
+  double top = neg_inf;
+  for (double r : thread_ref) top = std::max(top, r);
+  if (!(top > neg_inf)) return false;
+  const int64_t threads = static_cast<int64_t>(thread_ref.size());
+  for (int64_t j = 0; j < m; ++j) chunk_col_lse[j] = 0.0;
+  for (int64_t t = 0; t < threads; ++t) {
+    if (!(thread_ref[t] > neg_inf)) continue;
+    const double f = std::exp(thread_ref[t] - top);
+    const double* acc = col_acc_buf + t * m;
+    for (int64_t j = 0; j < m; ++j) chunk_col_lse[j] += f * acc[j];
+  }
+  for (int64_t j = 0; j < m; ++j) {
+    if (!(chunk_col_lse[j] >= kMinFastSum)) return false;
+    chunk_col_lse[j] = top + std::log(chunk_col_lse[j]);
+  }
+  return true;
+}
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_forward(
-    const at::Tensor& image, const at::Tensor& text, double scale, int64_t chunk_size) {
+    const at::Tensor& image, const at::Tensor& text, double scale, int64_t chunk_size, int64_t mode) {
   check_pair(image, text, "image", "text");
+  check_mode(mode);
   TORCH_CHECK(std::isfinite(scale), "clipforge._C: logit scale must be finite, got ", scale);
   at::NoGradGuard no_grad;
   const int64_t n = image.size(0), m = text.size(0);
@@ -95,6 +308,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_forward(
   auto col_max = at::full({m}, neg_inf, stat_opts);
   auto col_sum = at::zeros({m}, stat_opts);
   if (n == 0 || m == 0) return {row_lse, col_max, col_sum};
+  TORCH_CHECK(mode != kModeFast || image.scalar_type() == at::kFloat,
+              "clipforge._C: the fast path (mode 2) is float32 only, got ", image.scalar_type());
 
   const int64_t chunk = resolve_chunk(chunk_size, n, m, image.element_size());
   const auto text_t = text.t();
@@ -102,11 +317,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_forward(
   const int64_t threads = at::get_num_threads();
   auto scratch_buf = at::empty({threads, std::min(kSliceRows, chunk), m}, opts);  // 16 x m per thread
   auto col_parts = at::empty({threads, m}, stat_opts);                              // per-thread column sums
+  const bool try_fast = image.scalar_type() == at::kFloat && mode != kModeExact;
+  at::Tensor fast_part, fast_acc, chunk_lse;
+  std::vector<double> thread_ref(threads);
+  if (try_fast) {
+    fast_part = at::empty({threads, m}, opts);
+    fast_acc = at::empty({threads, m}, stat_opts);
+    chunk_lse = at::empty({m}, stat_opts);
+  }
 
   for (int64_t r0 = 0; r0 < n; r0 += chunk) {
     const int64_t rows = std::min(chunk, n - r0);
     auto logits = logits_buf.narrow(0, 0, rows);
     scaled_logits(logits, image.narrow(0, r0, rows), text_t, scale);  // GEMM: 2*rows*m*d FLOPs
+    if (try_fast && forward_chunk_fast(logits, row_lse.data_ptr<double>() + r0, chunk_lse.data_ptr<double>(),
+                                       fast_part.data_ptr<float>(), fast_acc.data_ptr<double>(), thread_ref)) {
+      // the chunk's column log-sum-exps are its (reference, sum = 1) statistics
+      const auto new_max = at::maximum(col_max, chunk_lse);
+      col_sum.mul_((col_max - new_max).exp_()).add_((chunk_lse - new_max).exp_());
+      col_max = new_max;
+      continue;
+    }
+    TORCH_CHECK(mode != kModeFast, "clipforge._C: the fast path cannot represent these logits (a column's "
+                "logits spread beyond ~57 below the chunk's maximum); use mode 0 or 1");
     const auto row_max = at::amax(logits, {1});                         // (rows)
     const auto chunk_col_max = at::amax(logits, {0});                   // (m)
     auto row_sum = at::empty({rows}, stat_opts);
@@ -139,8 +372,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_forward(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_backward(
     const at::Tensor& image, const at::Tensor& text, double scale, const at::Tensor& row_lse,
-    const at::Tensor& col_lse, int64_t row_offset, double coef, int64_t chunk_size) {
+    const at::Tensor& col_lse, int64_t row_offset, double coef, int64_t chunk_size, int64_t mode) {
   check_pair(image, text, "image", "text");
+  check_mode(mode);
   const int64_t n = image.size(0), m = text.size(0);
   check_stat(row_lse, "row_lse", n, at::kDouble);
   check_stat(col_lse, "col_lse", m, at::kDouble);
@@ -149,9 +383,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_backward(
   TORCH_CHECK(std::isfinite(scale) && std::isfinite(coef), "clipforge._C: scale and coef must be finite");
   at::NoGradGuard no_grad;
   const auto opts = image.options();
-  auto d_image = at::zeros_like(image);
-  auto d_text = at::zeros_like(text);
-  if (n == 0 || m == 0) return {d_image, d_text, at::zeros({}, opts)};
+  if (n == 0 || m == 0) return {at::zeros_like(image), at::zeros_like(text), at::zeros({}, opts)};
+  // Not zero-filled: every row of d_image is written by its chunk's GEMM (beta = 0), and d_text by the
+  // first chunk's (beta = 0) before the others accumulate into it.
+  auto d_image = at::empty_like(image);
+  auto d_text = at::empty_like(text);
 
   const int64_t chunk = resolve_chunk(chunk_size, n, m, image.element_size());
   const auto text_t = text.t();
@@ -165,12 +401,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_backward(
   const int64_t threads = at::get_num_threads();
   auto scratch_buf = at::empty({threads, std::min(kSliceRows, chunk), m}, opts);
 
+  // The fast path: one reference R (the largest log-sum-exp) and per-row / per-column factors.
+  bool fast = false;
+  float R = 0.0f;
+  at::Tensor u, v;
+  if (image.scalar_type() == at::kFloat && mode != kModeExact) {
+    const double top = std::max(row_lse.max().item<double>(), col_lse.max().item<double>());
+    const double low = std::min(row_lse.min().item<double>(), col_lse.min().item<double>());
+    fast = std::isfinite(top) && std::isfinite(low) && top - low <= kMaxFastSpan;
+    if (fast) {
+      R = static_cast<float>(top);
+      u = (static_cast<double>(R) - row_lse).exp_().to(at::kFloat);  // <= e^50: no overflow
+      v = (static_cast<double>(R) - col_lse).exp_().to(at::kFloat);
+    }
+  }
+  TORCH_CHECK(fast || mode != kModeFast, "clipforge._C: the fast path needs float32 features and log-sum-exps "
+              "within ", kMaxFastSpan, " of each other; use mode 0 or 1");
+
   for (int64_t r0 = 0; r0 < n; r0 += chunk) {
     const int64_t rows = std::min(chunk, n - r0);
     const auto image_c = image.narrow(0, r0, rows);
     auto p = logits_buf.narrow(0, 0, rows);
     scaled_logits(p, image_c, text_t, scale);  // recompute: 2*rows*m*d FLOPs
-    at::parallel_for(0, (rows + kSliceRows - 1) / kSliceRows, 1, [&](int64_t begin, int64_t end) {
+    if (fast) {
+      float* base = p.data_ptr<float>();
+      const float* uf = u.data_ptr<float>() + r0;
+      const float* vf = v.data_ptr<float>();
+      at::parallel_for(0, (rows + kSliceRows - 1) / kSliceRows, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t sl = begin; sl < end; ++sl) {
+          const int64_t s0 = sl * kSliceRows, srows = std::min(kSliceRows, rows - s0);
+          backward_slice_f32(base + s0 * m, srows, m, R, uf + s0, vf);
+        }
+      });
+    } else at::parallel_for(0, (rows + kSliceRows - 1) / kSliceRows, 1, [&](int64_t begin, int64_t end) {
       auto scratch_t = scratch_buf[at::get_thread_num()];
       for (int64_t sl = begin; sl < end; ++sl) {
         const int64_t s0 = sl * kSliceRows, srows = std::min(kSliceRows, rows - s0);
@@ -185,7 +448,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_backward(
     // p = P (without the diagonal term and coef).  G T for these rows, and this chunk's share of s G^T I.
     auto gi = d_image.narrow(0, r0, rows);
     at::addmm_out(gi, gi, p, text, /*beta=*/0, /*alpha=*/coef);  // 2*rows*m*d FLOPs
-    d_text.addmm_(p.t(), image_c, /*beta=*/1, /*alpha=*/coef * scale);  // 2*rows*m*d FLOPs
+    d_text.addmm_(p.t(), image_c, /*beta=*/r0 == 0 ? 0 : 1, /*alpha=*/coef * scale);  // 2*rows*m*d FLOPs
   }
   // The -2*coef*delta term of G pairs image row i with text row row_offset + i.
   const auto text_diag = text.narrow(0, row_offset, n);

@@ -192,7 +192,7 @@ def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, 
       data-parallel averaging convention of the module docstring: features get W x the gradient of the
       global loss, logit_scale the full gradient, so averaging over ranks gives the exact gradient.
     backend: "auto" (engine/ops.py: triton on CUDA, cpp on CPU), "triton", "cpp" or "torch".
-    chunk_size: image rows per chunk of logits for the cpp backend (None: ~8 MiB chunks).
+    chunk_size: image rows per chunk of logits for the cpp backend (None: ~16 MiB chunks).
     Returns a 0-d loss tensor (float32; float64 for float64 features on cpp/torch).
     """
     if image_features.dim() != 2 or image_features.shape != text_features.shape:

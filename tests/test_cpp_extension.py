@@ -68,6 +68,99 @@ def test_boundary_checks_raise_one_clear_sentence():
             call()
 
 
+# The float32 fast path (one exp per logit, vectorised) against the exact two-exp path and float64.
+def _stats_and_grads(img, txt, scale, chunk, mode, lse_from=None):
+    row_lse, col_ref, col_sum = _C.contrastive_forward(img, txt, scale, chunk, mode)
+    col_lse = col_ref + col_sum.log()
+    r, c = lse_from if lse_from is not None else (row_lse, col_lse)
+    grads = _C.contrastive_backward(img, txt, scale, r, c, 0, 1 / (2 * img.shape[0]), chunk, mode)
+    return (row_lse, col_lse), grads
+
+
+@pytest.mark.parametrize("n, d, chunk", [(300, 64, 0), (77, 33, 5), (1, 16, 0), (129, 512, 64)])
+@pytest.mark.parametrize("scale", [1.0, 14.3, 100.0])
+def test_fast_path_matches_exact_path_and_float64(n, d, chunk, scale):
+    # m = n is not a multiple of the 16 vector lanes in most cases: the tails are covered
+    img = torch.nn.functional.normalize(_rand(n, d), dim=1)
+    txt = torch.nn.functional.normalize(img + 0.5 * _rand(n, d, seed=1), dim=1)
+    truth = 1.0 * scale * img.double() @ txt.double().t()
+    want_r, want_c = torch.logsumexp(truth, 1), torch.logsumexp(truth, 0)
+    (r1, c1), g1 = _stats_and_grads(img, txt, scale, chunk, 1)
+    rows = _C.auto_chunk_rows(n, n, 4, 8 << 20) if chunk == 0 else chunk
+    # the fast forward refuses a chunk where some column's max is ~57 below the chunk's max
+    spread = max((b.max() - b.amax(0).min()).item() for b in truth.split(rows))
+    fast = True
+    try:
+        r2, ref2, sum2 = _C.contrastive_forward(img, txt, scale, chunk, 2)
+    except RuntimeError as e:
+        assert "fast path" in str(e) and spread > 50, (e, spread)
+        r2, ref2, sum2, fast = r1, c1, torch.ones_like(c1), False
+    c2 = ref2 + sum2.log()
+    # the fast backward refuses log-sum-exps that span more than 50
+    span = (max(r1.max(), c1.max()) - min(r1.min(), c1.min())).item()
+    try:
+        g2 = _C.contrastive_backward(img, txt, scale, r1, c1, 0, 1 / (2 * n), chunk, 2)
+    except RuntimeError as e:
+        assert "fast path" in str(e) and span > 50, (e, span)
+        g2, fast = g1, False
+    assert fast or scale == 100.0  # at CLIP's usual scales the fast path is the one that runs
+    for got in (r1, r2):
+        torch.testing.assert_close(got, want_r, rtol=0, atol=2e-5 * scale)
+    for got in (c1, c2):
+        torch.testing.assert_close(got, want_c, rtol=0, atol=2e-5 * scale)
+    for a, b in zip(g1, g2):
+        assert (a - b).norm() <= 2e-6 * max(b.norm(), 1e-6)
+
+
+def test_fast_path_range_checks_fall_back_to_the_exact_path():
+    # One text column far below every other column of its chunk (logits -100 and one 0, where the chunk
+    # reaches +100), and one image row far below the rest: outside the fast path's float32 range.
+    d, n = 8, 40
+    e1, e2 = torch.zeros(d), torch.zeros(d)
+    e1[0] = e2[1] = 1.0
+    img = torch.nn.functional.normalize(e1 + 0.05 * _rand(n, d), dim=1)
+    txt = torch.nn.functional.normalize(e1 + 0.05 * _rand(n, d, seed=1), dim=1)
+    txt[3] = -e1
+    img[5] = -e2
+    truth = 100.0 * img.double() @ txt.double().t()
+    want_r, want_c = torch.logsumexp(truth, 1), torch.logsumexp(truth, 0)
+    with pytest.raises(RuntimeError, match="fast path"):
+        _C.contrastive_forward(img, txt, 100.0, 0, 2)
+    (r, c), grads = _stats_and_grads(img, txt, 100.0, 0, 0)  # auto: falls back, exactly
+    torch.testing.assert_close(r, want_r, rtol=0, atol=1e-4)
+    torch.testing.assert_close(c, want_c, rtol=0, atol=1e-4)
+    with pytest.raises(RuntimeError, match="fast path"):
+        _C.contrastive_backward(img, txt, 100.0, r, c, 0, 1 / 80, 0, 2)
+    i = img.double().requires_grad_(True)
+    t = txt.double().requires_grad_(True)
+    s = torch.tensor(100.0, dtype=torch.float64, requires_grad=True)
+    reference.contrastive_loss(i, t, s).backward()
+    for got, want in zip(grads, (i.grad, t.grad, s.grad)):
+        assert (got.double() - want).norm() <= 1e-5 * want.norm()
+    # the row alone far below its slice stays on the fast path (that row is summed exactly)
+    txt[3] = e1
+    truth = 100.0 * img.double() @ txt.double().t()
+    r2, ref2, sum2 = _C.contrastive_forward(img, txt, 100.0, 0, 2)
+    torch.testing.assert_close(r2, torch.logsumexp(truth, 1), rtol=0, atol=1e-4)
+    torch.testing.assert_close(ref2 + sum2.log(), torch.logsumexp(truth, 0), rtol=0, atol=1e-4)
+
+
+def test_nan_features_give_a_nan_loss_not_a_finite_one():
+    import clipforge
+
+    img, txt = torch.nn.functional.normalize(_rand(50, 16), dim=1), torch.nn.functional.normalize(_rand(50, 16, seed=1), dim=1)
+    img[7, 3] = float("nan")
+    assert torch.isnan(clipforge.contrastive_loss(img, txt, torch.tensor(14.3), backend="cpp"))
+
+
+def test_mode_is_checked():
+    img = _rand(4, 8)
+    with pytest.raises(RuntimeError, match="mode must be"):
+        _C.contrastive_forward(img, img, 1.0, 0, 3)
+    with pytest.raises(RuntimeError, match="float32 only"):
+        _C.contrastive_forward(img.double(), img.double(), 1.0, 0, 2)
+
+
 @pytest.mark.parametrize(
     "n, m, k, row_chunk, col_chunk",
     [(1, 1, 1, 0, 0), (37, 129, 5, 8, 16), (37, 129, 20, 5, 7), (64, 300, 300, 0, 64), (10, 50, 3, 0, 0)],
