@@ -54,6 +54,7 @@ def run(args) -> int:
     except (ConfigError, FileNotFoundError) as exc:
         print(f"clipforge train: {exc}", file=sys.stderr)
         return 2
+    created = not dist.is_initialized()
     init_distributed()
     from .checkpoint import CheckpointError
 
@@ -63,6 +64,11 @@ def run(args) -> int:
     except (ConfigError, CheckpointError) as exc:
         print(f"clipforge train: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if created and dist.is_initialized():
+            # tear the group down here rather than in interpreter-exit destructors, where gloo's threads
+            # were seen to abort a rank ("terminate called without an active exception") after a good run
+            dist.destroy_process_group()
 
 
 # ------------------------------------------------------------------------------ distributed

@@ -65,6 +65,9 @@ class OptimizerSection:
     betas: tuple[float, ...] | None = None  # None: per model family (ViT 0.9/0.98, ResNet 0.9/0.999)
     eps: float | None = None  # None: per model family (ViT 1e-6, ResNet 1e-8)
     grad_clip: float = 1.0  # global norm; 0 turns clipping off
+    # impl torch: torch's fused AdamW kernel (CPU and CUDA; same update, one kernel per tensor list)
+    # instead of its per-tensor loop, which took 8% of a small-vit CPU step (measured)
+    fused: bool = True
 
 
 @dataclass

@@ -290,7 +290,8 @@ class Trainer:
         ds_config = cfg.deepspeed_config(self.world_size)
         optimizer = None
         if cfg.optimizer.impl == "torch":
-            optimizer = torch.optim.AdamW(groups, lr=cfg.optimizer.lr, betas=betas, eps=eps)
+            optimizer = torch.optim.AdamW(groups, lr=cfg.optimizer.lr, betas=betas, eps=eps,
+                                          fused=cfg.optimizer.fused)
         else:
             ds_config["optimizer"] = {
                 "type": "AdamW",
