@@ -65,13 +65,41 @@ def run(args) -> int:
         print(f"clipforge train: {exc}", file=sys.stderr)
         return 2
     finally:
-        if created and dist.is_initialized():
-            # tear the group down here rather than in interpreter-exit destructors, where gloo's threads
-            # were seen to abort a rank ("terminate called without an active exception") after a good run
-            dist.destroy_process_group()
+        if created:
+            shutdown_distributed()
 
 
 # ------------------------------------------------------------------------------ distributed
+def shutdown_distributed() -> None:
+    """Destroy the process group and unlink this rank's DeepSpeed shared-memory buffers. Idempotent;
+    `init_distributed` also registers it to run at exit, before the interpreter's own teardown, where
+    gloo's threads were seen to abort a rank that had finished ("terminate called without an active
+    exception")."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    _remove_own_shm_buffers()
+
+
+def _remove_own_shm_buffers() -> None:
+    """Unlink the shared-memory all-reduce buffers DeepSpeed's CPU comm op made for this rank.
+
+    DeepSpeed 0.19 creates /dev/shm/deepspeed_allreduce_buffer_<i>_<master addr>_<port>_<rank> (69 MB each,
+    RAM-backed) when a CPU rank joins and never unlinks them, so every multi-rank CPU run leaked them (5 GB
+    after one test session). Each rank removes its own once its group is gone; a peer still mapping one
+    keeps its mapping until it exits.
+    """
+    import glob
+
+    addr, port, rank = (os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "RANK"))
+    if not (addr and port and rank):
+        return
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{glob.escape(addr)}_{port}_{rank}"):
+        try:
+            os.remove(path)
+        except OSError:
+            pass  # already removed by another clean-up (the demo's, after its launch)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -97,6 +125,9 @@ def init_distributed() -> None:
         accel.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         backend = accel.communication_backend_name()
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    import atexit
+
+    atexit.register(shutdown_distributed)
 
 
 # --------------------------------------------------------------------------------- logging

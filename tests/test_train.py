@@ -129,6 +129,11 @@ def run_two_ranks(config: str, *args, script=("-m", "clipforge.train"), extra=()
     outputs = [p.communicate(timeout=timeout)[0] for p in procs]
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-4000:]
+    # each rank unlinks DeepSpeed's RAM-backed shared-memory buffers (69 MB each) it made for this run
+    import glob
+
+    leaked = glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_127.0.0.1_{port}_*")
+    assert not leaked, f"the run left {leaked} behind"
     return outputs
 
 
