@@ -51,9 +51,10 @@ setup(
     name="clipforge",
     version=_version(),
     description="Fast CLIP training and serving: Triton kernels, chunked contrastive loss, DeepSpeed, DALI",
-    packages=["clipforge", "clipforge.kernels"],
+    # the data folders are listed as packages so that setuptools ships them without deprecation warnings
+    packages=["clipforge", "clipforge.kernels", "clipforge.assets", "clipforge.assets.templates"],
     package_dir={"clipforge": "engine", "clipforge.kernels": "kernels"},
-    package_data={"clipforge": ["assets/*", "assets/templates/*.json"]},
+    package_data={"clipforge.assets": ["*.gz", "*.txt"], "clipforge.assets.templates": ["*.json"]},
     include_package_data=True,
     ext_modules=_extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)},
