@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,14 +84,39 @@ def _coerce(value, typ, dotted: str):
     return value
 
 
-def load_yaml(path) -> dict:
+def yaml_loader():
+    """A SafeLoader that also reads exponent floats without a dot (`5e-4`) as numbers."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    # YAML 1.1 (PyYAML) reads `5e-4` as a string; YAML 1.2 and every user read it as a number.
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(
+            r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+            |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+            |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+            |[-+]?\.(?:inf|Inf|INF)
+            |\.(?:nan|NaN|NAN))$""",
+            re.X,
+        ),
+        list("-+0123456789."),
+    )
+    return Loader
+
+
+def load_yaml(path, *, what: str = "config file") -> dict:
+    """A YAML mapping from `path` (safe loading, YAML 1.2 floats); clear errors for a missing file, bad
+    YAML or a top level that is not a mapping."""
     import yaml
 
     try:
         with open(path) as f:
-            data = yaml.safe_load(f)
+            data = yaml.load(f, Loader=yaml_loader())
     except FileNotFoundError:
-        raise FileNotFoundError(f"config file not found: {path}") from None
+        raise FileNotFoundError(f"{what} not found: {path}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
     if data is None:

@@ -14,11 +14,11 @@ import dataclasses
 import json
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import ConfigError, dataclass_from_dict
+from .config import ConfigError, dataclass_from_dict, yaml_loader as _yaml_loader
+from .config import load_yaml as _load_yaml
 
 # betas / eps of the paper per model family (CLIP.md): ViTs use a lower beta2 and a larger eps.
 ADAM_DEFAULTS = {"vit": ((0.9, 0.98), 1e-6), "resnet": ((0.9, 0.999), 1e-8)}
@@ -358,28 +358,6 @@ def _positive(key: str, value: int) -> None:
 
 
 # ---------------------------------------------------------------------------- YAML and overrides
-def _yaml_loader():
-    import yaml
-
-    class Loader(yaml.SafeLoader):
-        pass
-
-    # YAML 1.1 (PyYAML) reads `5e-4` as a string; YAML 1.2 and every user read it as a number.
-    Loader.add_implicit_resolver(
-        "tag:yaml.org,2002:float",
-        re.compile(
-            r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-            |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-            |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-            |[-+]?\.(?:inf|Inf|INF)
-            |\.(?:nan|NaN|NAN))$""",
-            re.X,
-        ),
-        list("-+0123456789."),
-    )
-    return Loader
-
-
 def parse_value(text: str):
     """A `--set` value, read as YAML (numbers, true/false, null, [lists], {maps}, or a string)."""
     import yaml
@@ -388,20 +366,7 @@ def parse_value(text: str):
 
 
 def load_yaml(path: str) -> dict:
-    import yaml
-
-    try:
-        with open(path) as f:
-            data = yaml.load(f, Loader=_yaml_loader())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"run config not found: {path}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping of config keys at the top level")
-    return data
+    return _load_yaml(path, what="run config")
 
 
 def apply_override(data: dict, item: str) -> None:
