@@ -24,6 +24,7 @@ rerun continues after the last batch recorded there and produces the same file a
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -158,6 +159,21 @@ def _progress(total_batches: int | None, progress: bool | None, desc: str):
     from tqdm.auto import tqdm
 
     return tqdm(total=total_batches, desc=desc, unit="batch", leave=False)
+
+
+@contextlib.contextmanager
+def _inference(model, total_batches: int | None, progress: bool | None, desc: str):
+    """Eval mode and an optional progress bar for one embedding pass; yields `tick()`, which advances
+    the bar by a batch. The model's train/eval mode is restored afterwards, also on an error."""
+    was_training = model.training
+    model.eval()
+    bar = _progress(total_batches, progress, desc)
+    try:
+        yield (lambda: bar.update(1)) if bar is not None else (lambda: None)
+    finally:
+        if bar is not None:
+            bar.close()
+        model.train(was_training)
 
 
 def _check_batch_size(batch_size: int) -> int:
@@ -313,21 +329,13 @@ def embed_images(model, images, batch_size: int = 64, *, device=None, amp: bool 
     items = _as_image_list(images)
     n = _len(items)
     dev = _resolve_device(model, device)
-    was_training = model.training
-    model.eval()
     out, skipped = [], []
-    bar = _progress(None if n is None else -(-n // batch_size), progress, "embed images")
-    try:
+    with _inference(model, None if n is None else -(-n // batch_size), progress, "embed images") as tick:
         for kept, batch, skip in iter_image_batches(model, items, batch_size, on_error=on_error, workers=workers):
             skipped.extend(skip)
             if kept:
                 out.append(_encode_images(model, batch, dev, amp))
-            if bar is not None:
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-        model.train(was_training)
+            tick()
     if n == 0 or (n is None and not out and not skipped):
         raise ValueError("embed_images got no images; pass at least one")
     emb = np.concatenate(out) if out else np.zeros((0, model.config.embed_dim), np.float32)
@@ -344,19 +352,11 @@ def embed_texts(model, texts, batch_size: int = 256, *, device=None, amp: bool =
     batch_size = _check_batch_size(batch_size)
     texts = _check_texts(texts)
     dev = _resolve_device(model, device)
-    was_training = model.training
-    model.eval()
-    bar = _progress(-(-len(texts) // batch_size), progress, "embed texts")
     out = []
-    try:
+    with _inference(model, -(-len(texts) // batch_size), progress, "embed texts") as tick:
         for chunk in _chunks(texts, batch_size):
             out.append(_encode_texts(model, chunk, dev, amp))
-            if bar is not None:
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-        model.train(was_training)
+            tick()
     return np.concatenate(out)
 
 
@@ -375,22 +375,14 @@ def zero_shot_classifier(model, classnames: Sequence[str], templates="imagenet",
     templates = get_templates(templates)
     batch_size = _check_batch_size(batch_size)
     dev = _resolve_device(model, device)
-    was_training = model.training
-    model.eval()
     sums = np.zeros((len(classnames), model.config.embed_dim), np.float64)
     prompts = ((c, t.format(name)) for c, name in enumerate(classnames) for t in templates)
     total = len(classnames) * len(templates)
-    bar = _progress(-(-total // batch_size), progress, "class prompts")
-    try:
+    with _inference(model, -(-total // batch_size), progress, "class prompts") as tick:
         for chunk in _chunks(prompts, batch_size):
             emb = _encode_texts(model, [p for _, p in chunk], dev, amp)
             np.add.at(sums, np.array([c for c, _ in chunk]), emb)
-            if bar is not None:
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-        model.train(was_training)
+            tick()
     norms = np.linalg.norm(sums, axis=1, keepdims=True)
     return (sums / np.maximum(norms, 1e-12)).astype(np.float32)
 
@@ -578,38 +570,33 @@ def write_embeddings(model, kind: str, items: Sequence[Any], out: str, *, labels
             arr.flush()
             _write_json_atomic(side, state)
         dev = _resolve_device(model, device)
-        was_training = model.training
-        model.eval()
         start = state["items_done"]
         remaining = -(-(n - start) // batch_size)
-        bar = _progress(remaining, progress, f"embed {kind}s")
         try:
-            todo = items[start:]
-            if kind == "image":
-                batches = iter_image_batches(model, todo, batch_size, on_error=on_error, start=start)
-            else:
-                batches = ((list(range(start + b * batch_size, start + b * batch_size + len(c))), c, [])
-                           for b, c in enumerate(_chunks(todo, batch_size)))
-            for b, (kept, batch, skipped) in enumerate(batches):
-                if stop_after_batches is not None and b >= stop_after_batches:
-                    break
-                r = state["rows_done"]
-                if kept:
-                    emb = _encode_images(model, batch, dev, amp) if kind == "image" else _encode_texts(model, batch, dev, amp)
-                    arr[r : r + len(kept)] = emb
-                    arr.flush()  # the rows reach the file before the sidecar says they exist
-                state["rows_done"] = r + len(kept)
-                state["items_done"] = min(n, start + (b + 1) * batch_size)  # each batch covers batch_size inputs
-                state["skipped"].extend([i, labels[i], reason] for i, reason in skipped)
-                _write_json_atomic(side, state)
-                if bar is not None:
-                    bar.update(1)
-                if on_batch is not None:
-                    on_batch(b, state["rows_done"])
+            with _inference(model, remaining, progress, f"embed {kind}s") as tick:
+                todo = items[start:]
+                if kind == "image":
+                    batches = iter_image_batches(model, todo, batch_size, on_error=on_error, start=start)
+                else:
+                    batches = ((list(range(start + b * batch_size, start + b * batch_size + len(c))), c, [])
+                               for b, c in enumerate(_chunks(todo, batch_size)))
+                for b, (kept, batch, skipped) in enumerate(batches):
+                    if stop_after_batches is not None and b >= stop_after_batches:
+                        break
+                    r = state["rows_done"]
+                    if kept:
+                        encode = _encode_images if kind == "image" else _encode_texts
+                        emb = encode(model, batch, dev, amp)
+                        arr[r : r + len(kept)] = emb
+                        arr.flush()  # the rows reach the file before the sidecar says they exist
+                    state["rows_done"] = r + len(kept)
+                    state["items_done"] = min(n, start + (b + 1) * batch_size)  # each batch covers batch_size inputs
+                    state["skipped"].extend([i, labels[i], reason] for i, reason in skipped)
+                    _write_json_atomic(side, state)
+                    tick()
+                    if on_batch is not None:
+                        on_batch(b, state["rows_done"])
         finally:
-            if bar is not None:
-                bar.close()
-            model.train(was_training)
             del arr
     complete = state["items_done"] == n
     if complete:
