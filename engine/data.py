@@ -64,6 +64,7 @@ keeps up; raise `token_workers` for several GPUs' worth of DALI in one process.
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
 import json
@@ -98,7 +99,10 @@ class DataConfig:
     batch_size: int = 256
     backend: str = "auto"  # auto | dali | pytorch | synthetic
     num_threads: int = 4  # DALI CPU threads, or PyTorch DataLoader decode workers
-    token_workers: int = 1  # DALI backend: processes tokenizing captions ahead (0: in the trainer's thread)
+    # DALI backend: 0 = a thread of this process tokenizes captions `prefetch` batches ahead; N > 0 = N
+    # DataLoader processes do. The thread was ~10% faster on 2 CPU cores (a process's IPC costs more
+    # than the tokenizing, ~1 ms per 64 captions); processes pay off when one process feeds many GPUs.
+    token_workers: int = 0
     seed: int = 0
     shuffle: bool = True  # training order; evaluation never shuffles
     drop_last: bool = False
@@ -795,6 +799,38 @@ def _device(cfg: DataConfig) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
+class _ThreadAhead:
+    """Iterates ds[0], ds[1], ... with one background thread computing up to `depth` items ahead (its
+    exceptions surface at the item that raised). close() stops it; so does reaching the end."""
+
+    def __init__(self, ds, depth: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.ds, self.depth, self.next_index = ds, depth, 0
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clipforge-captions")
+        self.pending = collections.deque()
+        self._fill()
+
+    def _fill(self):
+        while len(self.pending) < self.depth and self.next_index < len(self.ds):
+            self.pending.append(self.pool.submit(self.ds.__getitem__, self.next_index))
+            self.next_index += 1
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if not self.pending:
+            self.close()
+            raise StopIteration
+        item = self.pending.popleft().result()
+        self._fill()
+        return item
+
+    def close(self):
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
 class DaliLoader(_Loader):
     """DALI: readers.webdataset (our per-epoch index) -> decoders.image -> crop/resize -> normalise."""
 
@@ -864,8 +900,10 @@ class DaliLoader(_Loader):
     def _captions(self, plan):
         ds = _CaptionBatches(plan, self.tokenizer)
         workers = max(0, int(self.cfg.token_workers))
+        if workers == 0:
+            return _ThreadAhead(ds, depth=max(2, self.cfg.prefetch))
         return iter(torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers,
-                                                prefetch_factor=max(2, self.cfg.prefetch) if workers else None))
+                                                prefetch_factor=max(2, self.cfg.prefetch)))
 
     def _batches(self, plan):
         if plan.n == 0:
@@ -901,6 +939,8 @@ class DaliLoader(_Loader):
                     images = images.to(_device(self.cfg))
                 yield images, tokens, keys, len(idx)
         finally:
+            if isinstance(captions, _ThreadAhead):
+                captions.close()
             del pipe
             shutil.rmtree(tmpdir, ignore_errors=True)
 

@@ -43,8 +43,7 @@ def raw(tmp_path_factory):
 
 
 def cfg_for(raw_folder, backend, tmp, **kw):
-    base = dict(shards=raw_folder, batch_size=5, backend=backend, num_threads=2, cache_dir=str(tmp / "cache"),
-                token_workers=1)
+    base = dict(shards=raw_folder, batch_size=5, backend=backend, num_threads=2, cache_dir=str(tmp / "cache"))
     base.update(kw)
     return DataConfig(**base)
 
@@ -60,10 +59,12 @@ def run_epoch(loader):
     return keys, torch.cat(toks) if toks else torch.zeros(0, 77), torch.cat(imgs) if imgs else None
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_every_valid_sample_once_across_two_ranks(raw, backend, tmp_path):
+@pytest.mark.parametrize("backend, token_workers",
+                         [(b, 0) for b in BACKENDS] + [(b, 1) for b in BACKENDS if b == "dali"])
+def test_every_valid_sample_once_across_two_ranks(raw, backend, token_workers, tmp_path):
+    """token_workers (DALI): 0 = captions tokenized by a thread ahead of the images, 1 = by a process."""
     folder, _, deliver, skips = raw
-    cfg = cfg_for(folder, backend, tmp_path)
+    cfg = cfg_for(folder, backend, tmp_path, token_workers=token_workers)
     seen = []
     for rank in range(2):
         loader = build_train_loader(cfg, rank, 2, 0, 0, SIZE, id_tokenizer, with_keys=True)
@@ -355,3 +356,24 @@ def test_config_errors(tmp_path):
     assert data.DataConfig.from_dict({"batch_size": 3}).batch_size == 3
     with pytest.raises(ValueError, match="data.batchsize"):
         data.DataConfig.from_dict({"batchsize": 3})
+
+
+def test_caption_thread_keeps_order_and_surfaces_errors_at_their_item():
+    from clipforge.data import _ThreadAhead
+
+    class Items:
+        def __len__(self):
+            return 6
+
+        def __getitem__(self, i):
+            if i == 4:
+                raise ValueError("caption 4 is broken")
+            return i * 10
+
+    it = _ThreadAhead(Items(), depth=3)
+    assert [next(it) for _ in range(4)] == [0, 10, 20, 30]
+    with pytest.raises(ValueError, match="caption 4"):
+        next(it)
+    assert next(it) == 50
+    with pytest.raises(StopIteration):
+        next(it)
