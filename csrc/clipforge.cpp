@@ -15,5 +15,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("a"), py::arg("b"), py::arg("k"), py::arg("row_chunk") = 0, py::arg("col_chunk") = 0);
   m.def("auto_chunk_rows", &clipforge::auto_chunk_rows,
         "Rows per chunk keeping a rows x cols block near target_bytes.", py::arg("rows"), py::arg("cols"),
-        py::arg("elem_size") = 4, py::arg("target_bytes") = 8 << 20);
+        py::arg("elem_size") = 4, py::arg("target_bytes") = 16 << 20);
 }

@@ -7,8 +7,9 @@
 //   G = coef * (P - 2 delta),  dI = s G T,  dT = s G^T I,  ds = sum_ij G_ij <I_i, T_j>  (CLIP.md).
 // Four GEMMs of 2*n*m*d FLOPs in all; memory: one chunk of logits plus a 16-row scratch, O((n+m) d).
 //
-// Elementwise work, float32 (the training case): one exp per logit in each pass, in loops the compiler
-// vectorises (AVX-512 / AVX2 clones chosen at load time), instead of two exps and ~7 ATen passes.
+// Elementwise work, float32 (the training case): one exp per logit in each pass, written with GCC/Clang
+// vector extensions (AVX-512 / AVX2 clones chosen at load time with GCC >= 12 on x86-64 glibc, the
+// baseline ISA elsewhere), instead of two exps and ~7 ATen passes.
 //   forward:  exp(l_ij - M) with M the max of a slice of rows gives both the row sums (rescaled by
 //             exp(M - ...) per row) and the column sums (folded into float64 with one scalar per slice);
 //   backward: exp(l_ij - r_i) + exp(l_ij - c_j) = exp(l_ij - R) * (exp(R - r_i) + exp(R - c_j)) with
@@ -16,7 +17,10 @@
 // Both hold only while the numbers they factor stay in float32's range. They are checked, never assumed:
 // a row or column whose sum falls below 1e-25 of its reference (a logit spread beyond ~57), or
 // log-sum-exps that span more than 50, take the exact two-exp path below (float64 always does).
-// At N = 8192, d = 512 on the 2-core dev box this took fwd+bwd from 0.97 s to 0.85-0.90 s: the four
+// Precision: l - M and l - R are rounded in float32, so a probability whose logit sits 30-60 below its
+// reference carries up to ~2e-6 relative error (the hi/lo split of the exact path avoids that), and
+// row sums add 64-term float partials: both well inside the loss's 1e-5 budget, tested against float64.
+// At N = 8192, d = 512 on the 2-core dev box this took fwd+bwd from 0.97 s to 0.86-0.95 s: the four
 // GEMMs alone take ~0.8 s, so the elementwise work is now ~5% (docs/BENCHMARKS.md).
 //
 // Threading: GEMMs through ATen (MKL uses every core; measured on the 2-core dev box at N = 8192,
@@ -31,6 +35,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -55,12 +60,22 @@ constexpr double kMinFastSum = 1e-25;
 constexpr double kMaxFastSpan = 50.0;
 constexpr int64_t kModeAuto = 0, kModeExact = 1, kModeFast = 2;
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+// AVX-512 / AVX2 / baseline clones chosen at load time: GCC >= 12 (x86-64-vN names in target_clones)
+// with glibc (ifunc). Elsewhere (clang, aarch64, older GCC) the same code compiles for the baseline ISA.
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__GLIBC__)
 #define CLIPFORGE_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define CLIPFORGE_MULTIVERSION
 #endif
+// The fast path is written with GCC/Clang vector extensions; other compilers use the exact path only.
+#if defined(__GNUC__)
+constexpr bool kHaveFastPath = true;
+#pragma GCC diagnostic ignored "-Wpsabi"  // the vector helpers are internal and always inlined
+#else
+constexpr bool kHaveFastPath = false;
+#endif
 
+#if defined(__GNUC__)
 // 16 floats as one value: GCC/Clang vector extensions, so each target clone below compiles the same
 // code to its own ISA (one zmm on AVX-512, two ymm on AVX2, four xmm otherwise).
 typedef float f32x16 __attribute__((vector_size(64)));
@@ -98,7 +113,7 @@ __attribute__((always_inline)) inline f32x16 exp_nonpositive(f32x16 x) {
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
   const i32x16 two_n = (n + 127) << 23;  // the bits of 2^n, n >= -126
-  return p * reinterpret_cast<const f32x16&>(two_n);
+  return p * (f32x16)two_n;  // a vector cast reinterprets the bits
 }
 
 __attribute__((always_inline)) inline float hsum(f32x16 v) {
@@ -170,6 +185,14 @@ void backward_slice_f32(float* p, int64_t rows, int64_t m, float R, const float*
     }
   }
 }
+#else
+float forward_slice_f32(const float*, int64_t, int64_t, double*, float*) {
+  TORCH_CHECK(false, "clipforge._C: the float32 fast path needs GCC or Clang");
+}
+void backward_slice_f32(float*, int64_t, int64_t, float, const float*, const float*) {
+  TORCH_CHECK(false, "clipforge._C: the float32 fast path needs GCC or Clang");
+}
+#endif
 
 // log(sum_j exp(l_j)) of one row, exactly (its own max as reference).
 double row_lse_exact(const float* l, int64_t m) {
@@ -243,40 +266,51 @@ bool forward_chunk_fast(const at::Tensor& logits, double* row_lse, double* chunk
   const float* base = logits.data_ptr<float>();
   const int64_t slice = std::max<int64_t>(4, std::min<int64_t>(kSliceRows, 65536 / std::max<int64_t>(m, 1)));
   const double neg_inf = -std::numeric_limits<double>::infinity();
+  const int64_t tasks = static_cast<int64_t>(thread_ref.size());
+  const int64_t slices = (rows + slice - 1) / slice;
   std::fill(thread_ref.begin(), thread_ref.end(), neg_inf);
-  std::fill(col_acc_buf, col_acc_buf + thread_ref.size() * m, 0.0);
-  at::parallel_for(0, (rows + slice - 1) / slice, 1, [&](int64_t begin, int64_t end) {
-    const int64_t tid = at::get_thread_num();
-    float* part = col_part_buf + tid * m;
-    double* acc = col_acc_buf + tid * m;
-    double& ref = thread_ref[tid];
+  std::fill(col_acc_buf, col_acc_buf + tasks * m, 0.0);
+  std::atomic<bool> usable{true};
+  // Buffers belong to tasks, not to OpenMP thread ids: task t owns buffer t and slices t, t + tasks, ...
+  // (safe whatever thread runs it, and whatever OpenMP runtime this extension was built against).
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     double sums[kSliceRows];
-    for (int64_t sl = begin; sl < end; ++sl) {
-      const int64_t s0 = sl * slice, srows = std::min(slice, rows - s0);
-      const float* l = base + s0 * m;
-      std::fill(part, part + m, 0.0f);
-      const double mx = forward_slice_f32(l, srows, m, sums, part);
-      for (int64_t i = 0; i < srows; ++i) {
-        row_lse[s0 + i] = sums[i] >= kMinFastSum ? mx + std::log(sums[i]) : row_lse_exact(l + i * m, m);
-      }
-      // fold this slice's column sums (reference mx) into the thread's float64 sums (reference ref)
-      if (mx > ref) {
-        if (ref > neg_inf) {
-          const double down = std::exp(ref - mx);
-          for (int64_t j = 0; j < m; ++j) acc[j] *= down;
+    for (int64_t t = t0; t < t1; ++t) {
+      float* part = col_part_buf + t * m;
+      double* acc = col_acc_buf + t * m;
+      double& ref = thread_ref[t];
+      for (int64_t sl = t; sl < slices; sl += tasks) {
+        const int64_t s0 = sl * slice, srows = std::min(slice, rows - s0);
+        const float* l = base + s0 * m;
+        std::fill(part, part + m, 0.0f);
+        const double mx = forward_slice_f32(l, srows, m, sums, part);
+        if (!(mx > neg_inf)) {  // NaN or -inf logits in every lane: let the exact path propagate them
+          usable = false;
+          return;
         }
-        ref = mx;
+        for (int64_t i = 0; i < srows; ++i) {
+          row_lse[s0 + i] = sums[i] >= kMinFastSum ? mx + std::log(sums[i]) : row_lse_exact(l + i * m, m);
+        }
+        // fold this slice's column sums (reference mx) into the task's float64 sums (reference ref);
+        // NaN logits reach `part` (the vector max skips NaN lanes), so they turn the sums NaN, never hidden
+        if (mx > ref) {
+          if (ref > neg_inf) {
+            const double down = std::exp(ref - mx);
+            for (int64_t j = 0; j < m; ++j) acc[j] *= down;
+          }
+          ref = mx;
+        }
+        const double f = std::exp(mx - ref);
+        for (int64_t j = 0; j < m; ++j) acc[j] += f * part[j];
       }
-      const double f = std::exp(mx - ref);  // NaN logits make this NaN: the loss is NaN, not hidden
-      for (int64_t j = 0; j < m; ++j) acc[j] += f * part[j];
     }
   });
+  if (!usable) return false;
   double top = neg_inf;
   for (double r : thread_ref) top = std::max(top, r);
   if (!(top > neg_inf)) return false;
-  const int64_t threads = static_cast<int64_t>(thread_ref.size());
   for (int64_t j = 0; j < m; ++j) chunk_col_lse[j] = 0.0;
-  for (int64_t t = 0; t < threads; ++t) {
+  for (int64_t t = 0; t < tasks; ++t) {
     if (!(thread_ref[t] > neg_inf)) continue;
     const double f = std::exp(thread_ref[t] - top);
     const double* acc = col_acc_buf + t * m;
@@ -307,9 +341,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_forward(
   auto row_lse = at::full({n}, neg_inf, stat_opts);
   auto col_max = at::full({m}, neg_inf, stat_opts);
   auto col_sum = at::zeros({m}, stat_opts);
-  if (n == 0 || m == 0) return {row_lse, col_max, col_sum};
   TORCH_CHECK(mode != kModeFast || image.scalar_type() == at::kFloat,
               "clipforge._C: the fast path (mode 2) is float32 only, got ", image.scalar_type());
+  if (n == 0 || m == 0) return {row_lse, col_max, col_sum};
 
   const int64_t chunk = resolve_chunk(chunk_size, n, m, image.element_size());
   const auto text_t = text.t();
@@ -317,7 +351,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_forward(
   const int64_t threads = at::get_num_threads();
   auto scratch_buf = at::empty({threads, std::min(kSliceRows, chunk), m}, opts);  // 16 x m per thread
   auto col_parts = at::empty({threads, m}, stat_opts);                              // per-thread column sums
-  const bool try_fast = image.scalar_type() == at::kFloat && mode != kModeExact;
+  bool try_fast = kHaveFastPath && image.scalar_type() == at::kFloat && mode != kModeExact;
   at::Tensor fast_part, fast_acc, chunk_lse;
   std::vector<double> thread_ref(threads);
   if (try_fast) {
@@ -339,7 +373,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_forward(
       continue;
     }
     TORCH_CHECK(mode != kModeFast, "clipforge._C: the fast path cannot represent these logits (a column's "
-                "logits spread beyond ~57 below the chunk's maximum); use mode 0 or 1");
+                "logits spread beyond ~57 below the chunk's maximum, or non-finite logits); use mode 0 or 1");
+    // inputs that failed the check once (a wide spread of logits) tend to fail it again: do not pay
+    // for a fast pass that is thrown away on every chunk
+    try_fast = false;
     const auto row_max = at::amax(logits, {1});                         // (rows)
     const auto chunk_col_max = at::amax(logits, {0});                   // (m)
     auto row_sum = at::empty({rows}, stat_opts);
@@ -383,6 +420,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_backward(
   TORCH_CHECK(std::isfinite(scale) && std::isfinite(coef), "clipforge._C: scale and coef must be finite");
   at::NoGradGuard no_grad;
   const auto opts = image.options();
+  TORCH_CHECK(mode != kModeFast || image.scalar_type() == at::kFloat,
+              "clipforge._C: the fast path (mode 2) is float32 only, got ", image.scalar_type());
   if (n == 0 || m == 0) return {at::zeros_like(image), at::zeros_like(text), at::zeros({}, opts)};
   // Not zero-filled: every row of d_image is written by its chunk's GEMM (beta = 0), and d_text by the
   // first chunk's (beta = 0) before the others accumulate into it.
@@ -405,7 +444,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_backward(
   bool fast = false;
   float R = 0.0f;
   at::Tensor u, v;
-  if (image.scalar_type() == at::kFloat && mode != kModeExact) {
+  if (kHaveFastPath && image.scalar_type() == at::kFloat && mode != kModeExact) {
     const double top = std::max(row_lse.max().item<double>(), col_lse.max().item<double>());
     const double low = std::min(row_lse.min().item<double>(), col_lse.min().item<double>());
     fast = std::isfinite(top) && std::isfinite(low) && top - low <= kMaxFastSpan;

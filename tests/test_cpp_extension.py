@@ -86,7 +86,7 @@ def test_fast_path_matches_exact_path_and_float64(n, d, chunk, scale):
     truth = 1.0 * scale * img.double() @ txt.double().t()
     want_r, want_c = torch.logsumexp(truth, 1), torch.logsumexp(truth, 0)
     (r1, c1), g1 = _stats_and_grads(img, txt, scale, chunk, 1)
-    rows = _C.auto_chunk_rows(n, n, 4, 8 << 20) if chunk == 0 else chunk
+    rows = _C.auto_chunk_rows(n, n, 4, 16 << 20) if chunk == 0 else chunk
     # the fast forward refuses a chunk where some column's max is ~57 below the chunk's max
     spread = max((b.max() - b.amax(0).min()).item() for b in truth.split(rows))
     fast = True
@@ -145,12 +145,75 @@ def test_fast_path_range_checks_fall_back_to_the_exact_path():
     torch.testing.assert_close(ref2 + sum2.log(), torch.logsumexp(truth, 0), rtol=0, atol=1e-4)
 
 
-def test_nan_features_give_a_nan_loss_not_a_finite_one():
+def test_auto_mode_takes_the_fast_path_on_typical_inputs():
+    # bit-equal to the forced fast path, and not to the exact path (their roundings differ)
+    img = torch.nn.functional.normalize(_rand(300, 64), dim=1)
+    txt = torch.nn.functional.normalize(img + 0.5 * _rand(300, 64, seed=1), dim=1)
+    auto = _C.contrastive_forward(img, txt, 14.3, 0, 0)
+    fast = _C.contrastive_forward(img, txt, 14.3, 0, 2)
+    exact = _C.contrastive_forward(img, txt, 14.3, 0, 1)
+    assert all(torch.equal(a, b) for a, b in zip(auto, fast))
+    assert not torch.equal(auto[0], exact[0])
+    r, c = auto[0], auto[1] + auto[2].log()
+    g_auto = _C.contrastive_backward(img, txt, 14.3, r, c, 0, 1 / 600, 0, 0)
+    g_fast = _C.contrastive_backward(img, txt, 14.3, r, c, 0, 1 / 600, 0, 2)
+    g_exact = _C.contrastive_backward(img, txt, 14.3, r, c, 0, 1 / 600, 0, 1)
+    assert all(torch.equal(a, b) for a, b in zip(g_auto, g_fast))
+    assert not torch.equal(g_auto[0], g_exact[0])
+
+
+@pytest.mark.parametrize("scale", [14.3, 100.0])
+def test_auto_mode_loss_and_gradients_against_float64(scale):
+    """Through clipforge.contrastive_loss: fast chunks, and at scale 100 chunks that fall back (a text
+    column anti-aligned with most images), mixed in one call; value and gradients vs float64."""
     import clipforge
 
-    img, txt = torch.nn.functional.normalize(_rand(50, 16), dim=1), torch.nn.functional.normalize(_rand(50, 16, seed=1), dim=1)
-    img[7, 3] = float("nan")
-    assert torch.isnan(clipforge.contrastive_loss(img, txt, torch.tensor(14.3), backend="cpp"))
+    n, d = 700, 32
+    img = torch.nn.functional.normalize(_rand(n, d), dim=1)
+    txt = torch.nn.functional.normalize(img + 0.7 * _rand(n, d, seed=1), dim=1)
+    if scale == 100.0:
+        # image rows 320-383 (the 6th chunk of 64) cluster around e, text rows 0-49 sit at -e: in that chunk
+        # those columns lie ~180 below the chunk's maximum, so it and the chunks after it take the exact
+        # path while chunks 1-5 stay fast
+        e = torch.nn.functional.normalize(_rand(1, d, seed=2), dim=1)
+        img[320:384] = torch.nn.functional.normalize(e + 0.05 * _rand(64, d, seed=3), dim=1)
+        txt[320:384] = torch.nn.functional.normalize(img[320:384] + 0.05 * _rand(64, d, seed=4), dim=1)
+        txt[:50] = torch.nn.functional.normalize(-e + 0.05 * _rand(50, d, seed=5), dim=1)
+        spread = [(b.max() - b.amax(0).min()).item() for b in (scale * img.double() @ txt.double().t()).split(64)]
+        assert max(spread[:5]) < 57 and spread[5] > 60, spread
+
+    def run(i, t, dtype):
+        i = i.detach().to(dtype).clone().requires_grad_(True)
+        t = t.detach().to(dtype).clone().requires_grad_(True)
+        s = torch.tensor(scale, dtype=dtype, requires_grad=True)
+        backend = "cpp" if dtype == torch.float32 else "torch"
+        loss = clipforge.contrastive_loss(i, t, s, backend=backend, chunk_size=64)
+        loss.backward()
+        return [x.double() for x in (loss.detach(), i.grad, t.grad, s.grad)]
+
+    got, want = run(img, txt, torch.float32), run(img, txt, torch.float64)
+    for name, a, b in zip(("loss", "d_image", "d_text", "d_scale"), got, want):
+        assert (a - b).norm() <= 1e-5 * b.norm(), name
+
+
+@pytest.mark.parametrize("where", ["image", "text", "every_logit"])
+def test_nan_features_give_a_nan_loss_and_gradients(where):
+    import clipforge
+
+    img = torch.nn.functional.normalize(_rand(50, 16), dim=1)
+    txt = torch.nn.functional.normalize(_rand(50, 16, seed=1), dim=1)
+    if where == "image":
+        img[7, 3] = float("nan")
+    elif where == "text":
+        txt[11, 0] = float("nan")
+    else:
+        img[:] = float("nan")
+    img.requires_grad_(True)
+    scale = torch.tensor(14.3, requires_grad=True)
+    loss = clipforge.contrastive_loss(img, txt, scale, backend="cpp")
+    assert torch.isnan(loss)
+    loss.backward()
+    assert torch.isnan(img.grad).any() and torch.isnan(scale.grad)
 
 
 def test_mode_is_checked():
