@@ -20,7 +20,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="attention benchmarks need a CUDA GPU")
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="attention benchmarks need a CUDA GPU")]
 
 # name: (batch, heads, seq, head_dim, causal)
 SHAPES = {

@@ -12,6 +12,8 @@
 #                        install.log only when the editable install failed (the device tool brings back
 #                        at most 8 files: keep benchmarks/bench_*.py to 5 or fewer, or name them).
 #   GPU_CHECK_TESTS=0    skip the GPU tests;  GPU_CHECK_BENCH=0  skip the benchmarks
+#   GPU_CHECK_BENCH_CPU=1  also run the benchmarks' CPU cases (default: only those marked `cuda`: the CPU
+#                        ones take minutes and are measured on the dev machine)
 #   GPU_CHECK_INSTALL    editable (default: pip install -e . with the C++ extension, falling back to
 #                        the shim when that fails) or shim (symlinks only, no build)
 #   PYTHON               interpreter (default python3, the one holding the machine's torch)
@@ -88,7 +90,9 @@ if [ "${GPU_CHECK_BENCH:-1}" != 0 ]; then
     [ -f "$bench" ] || { echo "no such benchmark file: $bench"; status=1; continue; }
     name="$(basename "$bench" .py)"
     say "benchmark $bench"
-    "$PY" -m pytest "$bench" -q -rfEs -p no:cacheprovider --benchmark-only --benchmark-json="$OUT/$name.json" \
+    select=(-m cuda)
+    [ "${GPU_CHECK_BENCH_CPU:-0}" = 1 ] && select=()
+    "$PY" -m pytest "$bench" "${select[@]}" -q -rfEs -p no:cacheprovider --benchmark-only --benchmark-json="$OUT/$name.json" \
       --benchmark-columns=median,iqr,rounds --benchmark-sort=name 2>&1 | tee -a "$OUT/bench.log"
     rc=${PIPESTATUS[0]}
     [ "$rc" = 0 ] || [ "$rc" = 5 ] || status=1
