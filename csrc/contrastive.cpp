@@ -349,8 +349,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_forward(
   const auto text_t = text.t();
   auto logits_buf = at::empty({chunk, m}, opts);  // chunk x m: the only big buffer
   const int64_t threads = at::get_num_threads();
-  auto scratch_buf = at::empty({threads, std::min(kSliceRows, chunk), m}, opts);  // 16 x m per thread
-  auto col_parts = at::empty({threads, m}, stat_opts);                              // per-thread column sums
+  at::Tensor scratch_buf, col_parts;  // the exact path's: 16 x m scratch and column sums per thread, made on first use
   bool try_fast = kHaveFastPath && image.scalar_type() == at::kFloat && mode != kModeExact;
   at::Tensor fast_part, fast_acc, chunk_lse;
   std::vector<double> thread_ref(threads);
@@ -377,6 +376,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_forward(
     // inputs that failed the check once (a wide spread of logits) tend to fail it again: do not pay
     // for a fast pass that is thrown away on every chunk
     try_fast = false;
+    if (!scratch_buf.defined()) {
+      scratch_buf = at::empty({threads, std::min(kSliceRows, chunk), m}, opts);
+      col_parts = at::empty({threads, m}, stat_opts);
+    }
     const auto row_max = at::amax(logits, {1});                         // (rows)
     const auto chunk_col_max = at::amax(logits, {0});                   // (m)
     auto row_sum = at::empty({rows}, stat_opts);
@@ -430,15 +433,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_backward(
 
   const int64_t chunk = resolve_chunk(chunk_size, n, m, image.element_size());
   const auto text_t = text.t();
-  // float64 statistics as hi + lo in the features' dtype: (l - hi) is exact when l ~ hi (Sterbenz), so
-  // (l - hi) - lo keeps the precision of the float64 lse without float64 elementwise passes.
-  const auto row_hi = row_lse.to(image.scalar_type());
-  const auto row_lo = (row_lse - row_hi.to(at::kDouble)).to(image.scalar_type());
-  const auto col_hi = col_lse.to(image.scalar_type()).unsqueeze(0);
-  const auto col_lo = (col_lse - col_lse.to(image.scalar_type()).to(at::kDouble)).to(image.scalar_type()).unsqueeze(0);
   auto logits_buf = at::empty({chunk, m}, opts);
-  const int64_t threads = at::get_num_threads();
-  auto scratch_buf = at::empty({threads, std::min(kSliceRows, chunk), m}, opts);
 
   // The fast path: one reference R (the largest log-sum-exp) and per-row / per-column factors.
   bool fast = false;
@@ -456,6 +451,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_backward(
   }
   TORCH_CHECK(fast || mode != kModeFast, "clipforge._C: the fast path needs float32 features and log-sum-exps "
               "within ", kMaxFastSpan, " of each other; use mode 0 or 1");
+  // The exact path: float64 statistics as hi + lo in the features' dtype: (l - hi) is exact when l ~ hi
+  // (Sterbenz), so (l - hi) - lo keeps the precision of the float64 lse without float64 elementwise passes.
+  at::Tensor row_hi, row_lo, col_hi, col_lo, scratch_buf;
+  if (!fast) {
+    const auto dtype = image.scalar_type();
+    row_hi = row_lse.to(dtype);
+    row_lo = (row_lse - row_hi.to(at::kDouble)).to(dtype);
+    col_hi = col_lse.to(dtype).unsqueeze(0);
+    col_lo = (col_lse - col_hi.squeeze(0).to(at::kDouble)).to(dtype).unsqueeze(0);
+    scratch_buf = at::empty({at::get_num_threads(), std::min(kSliceRows, chunk), m}, opts);
+  }
 
   for (int64_t r0 = 0; r0 < n; r0 += chunk) {
     const int64_t rows = std::min(chunk, n - r0);
@@ -472,18 +478,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_backward(
           backward_slice_f32(base + s0 * m, srows, m, R, uf + s0, vf);
         }
       });
-    } else at::parallel_for(0, (rows + kSliceRows - 1) / kSliceRows, 1, [&](int64_t begin, int64_t end) {
-      auto scratch_t = scratch_buf[at::get_thread_num()];
-      for (int64_t sl = begin; sl < end; ++sl) {
-        const int64_t s0 = sl * kSliceRows, srows = std::min(kSliceRows, rows - s0);
-        auto slice = p.narrow(0, s0, srows);
-        auto scratch = scratch_t.narrow(0, 0, srows);
-        at::sub_out(scratch, slice, row_hi.narrow(0, r0 + s0, srows).unsqueeze(1))
-            .sub_(row_lo.narrow(0, r0 + s0, srows).unsqueeze(1))
-            .exp_();                                           // softmax_row
-        slice.sub_(col_hi).sub_(col_lo).exp_().add_(scratch);  // + softmax_col
-      }
-    });
+    } else {
+      at::parallel_for(0, (rows + kSliceRows - 1) / kSliceRows, 1, [&](int64_t begin, int64_t end) {
+        auto scratch_t = scratch_buf[at::get_thread_num()];
+        for (int64_t sl = begin; sl < end; ++sl) {
+          const int64_t s0 = sl * kSliceRows, srows = std::min(kSliceRows, rows - s0);
+          auto slice = p.narrow(0, s0, srows);
+          auto scratch = scratch_t.narrow(0, 0, srows);
+          at::sub_out(scratch, slice, row_hi.narrow(0, r0 + s0, srows).unsqueeze(1))
+              .sub_(row_lo.narrow(0, r0 + s0, srows).unsqueeze(1))
+              .exp_();                                           // softmax_row
+          slice.sub_(col_hi).sub_(col_lo).exp_().add_(scratch);  // + softmax_col
+        }
+      });
+    }
     // p = P (without the diagonal term and coef).  G T for these rows, and this chunk's share of s G^T I.
     auto gi = d_image.narrow(0, r0, rows);
     at::addmm_out(gi, gi, p, text, /*beta=*/0, /*alpha=*/coef);  // 2*rows*m*d FLOPs

@@ -160,8 +160,8 @@ class _ChunkedContrastiveFunction(torch.autograd.Function):
             d_scale = d_scale.reshape(1).clone()
             dist.all_reduce(d_scale, group=group)
             # data-parallel averaging convention (module docstring): features get W x their gradient
-            d_image = d_image * world
-            d_text = d_text * world
+            d_image.mul_(world)  # both are fresh tensors of this backward: scale in place, no copy
+            d_text.mul_(world)
         else:
             d_text = d_text_all
         d_scale = d_scale.reshape(scale_shape).to(scale_dtype) if scale_shape is not None else None
