@@ -28,7 +28,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
 from .utils import check_kernel_device, dot_precision, is_interpreted, next_power_of_2
 
@@ -97,6 +96,14 @@ def _contrastive_fwd_kernel(
 
 
 @triton.jit
+def _probabilities(logits, r_hi, r_lo, c_hi, c_lo, mask_m, mask_n):
+    """P = softmax over the row + softmax over the column of a logits tile, from the saved log-sum-exps
+    (hi + lo: (l - hi) is exact near the maximum, then lo restores the float64 statistic); 0 off the edges."""
+    p = tl.exp((logits - r_hi[:, None]) - r_lo[:, None]) + tl.exp((logits - c_hi[None, :]) - c_lo[None, :])
+    return tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
+
+
+@triton.jit
 def _contrastive_bwd_rows_kernel(
     GT, stride_gm, stride_gd,
     I, stride_im, stride_id,
@@ -123,8 +130,7 @@ def _contrastive_bwd_rows_kernel(
                               dim, scale, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION)
         c_hi = tl.load(COL_HI + offs_n, mask=mask_n, other=0.0)
         c_lo = tl.load(COL_LO + offs_n, mask=mask_n, other=0.0)
-        p = tl.exp((logits - r_hi[:, None]) - r_lo[:, None]) + tl.exp((logits - c_hi[None, :]) - c_lo[None, :])
-        p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
+        p = _probabilities(logits, r_hi, r_lo, c_hi, c_lo, mask_m, mask_n)
         t = tl.load(T + offs_n[:, None] * stride_tn + offs_do[None, :] * stride_td,
                     mask=mask_n[:, None] & mask_do[None, :], other=0.0)
         if UPCAST:
@@ -161,8 +167,7 @@ def _contrastive_bwd_cols_kernel(
                               dim, scale, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION)
         r_hi = tl.load(ROW_HI + offs_m, mask=mask_m, other=0.0)
         r_lo = tl.load(ROW_LO + offs_m, mask=mask_m, other=0.0)
-        p = tl.exp((logits - r_hi[:, None]) - r_lo[:, None]) + tl.exp((logits - c_hi[None, :]) - c_lo[None, :])
-        p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
+        p = _probabilities(logits, r_hi, r_lo, c_hi, c_lo, mask_m, mask_n)
         a = tl.load(I + offs_m[:, None] * stride_im + offs_do[None, :] * stride_id,
                     mask=mask_m[:, None] & mask_do[None, :], other=0.0)
         if UPCAST:
@@ -265,47 +270,7 @@ def _contrastive_backward(image, text, scale: float, row_lse, col_lse, row_offse
     return d_image, d_text, d_scale
 
 
-# Host entry points with the same signature as clipforge._C's (engine/loss.py drives either).
+# Host entry points with the same signature as clipforge._C's: engine/loss.py's autograd function (single
+# process and process groups) drives either; this file has no autograd function of its own.
 contrastive_forward_stats = _contrastive_forward
 contrastive_backward_grads = _contrastive_backward
-
-
-class ContrastiveFunction(torch.autograd.Function):
-    """Single-process CLIP loss; engine/loss.py adds the process-group version on the same launchers."""
-
-    @staticmethod
-    def forward(ctx, image, text, scale):
-        n = image.shape[0]
-        s = float(scale)
-        row_lse, col_max, col_sum = _contrastive_forward(image, text, s)
-        col_lse = col_max + torch.log(col_sum)
-        diag = torch.dot(image.flatten().float(), text.flatten().float()).double()
-        loss = ((row_lse.sum() + col_lse.sum() - 2.0 * s * diag) / (2 * n)).float()
-        ctx.save_for_backward(image, text, row_lse, col_lse)
-        ctx.scale = s
-        ctx.scale_shape = scale.shape if isinstance(scale, torch.Tensor) else None
-        return loss
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_loss):
-        image, text, row_lse, col_lse = ctx.saved_tensors
-        coef = float(grad_loss) / (2 * image.shape[0])
-        d_image, d_text, d_scale = _contrastive_backward(image, text, ctx.scale, row_lse, col_lse, 0, coef)
-        d_scale = d_scale.reshape(ctx.scale_shape) if ctx.scale_shape is not None else None
-        return d_image.to(image.dtype), d_text.to(text.dtype), d_scale
-
-
-def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale):
-    """CLIP's symmetric InfoNCE, fused (single process; `clipforge.contrastive_loss` adds process groups).
-
-    image_features, text_features: (batch, dim), fp32 / fp16 / bf16, CUDA (or CPU under
-    TRITON_INTERPRET=1). logit_scale: the already exponentiated scale s (0-d tensor or float).
-    Returns a 0-d fp32 loss equal to OpenCLIP's ClipLoss.
-    """
-    if image_features.shape != text_features.shape:
-        raise ValueError(f"image and text features must have the same shape, got {tuple(image_features.shape)} "
-                         f"and {tuple(text_features.shape)}")
-    if image_features.shape[0] == 0:
-        raise ValueError("the contrastive loss needs at least one (image, text) pair, got an empty batch")
-    return ContrastiveFunction.apply(image_features.contiguous(), text_features.contiguous(), logit_scale)
