@@ -308,11 +308,12 @@ def train(config: str, run_dir: str, data_dir: str, *, ranks: int, max_steps: in
 
 
 def _remove_shm_buffers(port: int) -> None:
-    """Delete the shared-memory all-reduce buffers DeepSpeed's CPU comm op made for this launch.
+    """Delete what is left of the shared-memory all-reduce buffers DeepSpeed's CPU comm op made for
+    this launch (69 MB per rank, RAM-backed).
 
-    DeepSpeed 0.19 creates /dev/shm/deepspeed_allreduce_buffer_<i>_<master addr>_<port>_<rank> (69 MB
-    per rank, RAM-backed) when a rank joins and never unlinks them: every launch would leak them.
-    The port was free when this launch began, so files carrying it belong to this launch only.
+    Each rank unlinks its own at exit (clipforge.train.shutdown_distributed); this catches the buffers
+    of a rank that died before it could. The port was free when this launch began, so files carrying
+    it belong to this launch only.
     """
     import glob
 
