@@ -55,12 +55,14 @@ Bad samples (the robustness design)
 
 Tokenisation
 ------------
-Captions never enter DALI. Their offsets are in the sample list, so worker processes of a small
-DataLoader (`cfg.token_workers`, default 1) read and tokenize each batch's captions ahead of the
-image pipeline, off the trainer's thread and GIL; the PyTorch backend tokenizes in its decode workers.
-`clipforge.tokenize` runs ~40-70k captions/s in one process on this machine, against DALI's ~1k
-images/s here and ~7k/s on an A100 (benchmarks/bench_dataloader.py measures both), so one process
-keeps up; raise `token_workers` for several GPUs' worth of DALI in one process.
+Captions never enter DALI. Their offsets are in the sample list, so a background thread (default,
+`cfg.token_workers: 0`) or the worker processes of a small DataLoader (`token_workers: N`) read and
+tokenize each batch's captions `prefetch` batches ahead of the image pipeline, off the trainer's
+thread; the PyTorch backend tokenizes in its decode workers. `clipforge.tokenize` runs ~40-90k
+captions/s in one process on this machine (~1 ms per batch of 64), against DALI's ~1k images/s here and
+~7k/s on an A100 (benchmarks/bench_dataloader.py measures both), so one thread keeps up while DALI's
+threads decode; on 2 cores the thread was ~10% faster than a process (IPC costs more than the
+tokenizing). Use processes (`token_workers: N`) for several GPUs' worth of DALI in one process.
 """
 from __future__ import annotations
 

@@ -54,8 +54,7 @@ def run(args) -> int:
     except (ConfigError, FileNotFoundError) as exc:
         print(f"clipforge train: {exc}", file=sys.stderr)
         return 2
-    created = not dist.is_initialized()
-    init_distributed()
+    init_distributed()  # registers the group's teardown at exit
     from .checkpoint import CheckpointError
 
     try:
@@ -64,9 +63,6 @@ def run(args) -> int:
     except (ConfigError, CheckpointError) as exc:
         print(f"clipforge train: {exc}", file=sys.stderr)
         return 2
-    finally:
-        if created:
-            shutdown_distributed()
 
 
 # ------------------------------------------------------------------------------ distributed
