@@ -190,9 +190,12 @@ def test_dali_failure_falls_back_to_pillow_for_that_batch(raw, tmp_path, monkeyp
         def __init__(self, pipe):
             self.pipe, self.calls = pipe, 0
 
-        def run(self):
+        def schedule_run(self):
+            self.pipe.schedule_run()
+
+        def outputs(self):
             self.calls += 1
-            out = self.pipe.run()  # DALI consumed the batch, as when a decode fails inside it
+            out = self.pipe.outputs()  # DALI consumed the batch, as when a decode fails inside it
             if self.calls == 2:
                 raise RuntimeError("Critical error in pipeline:\nError in CPU operator nvidia.dali.fn.decoders.image")
             return out
@@ -215,21 +218,75 @@ def test_dali_failure_falls_back_to_pillow_for_that_batch(raw, tmp_path, monkeyp
     assert sorted(seen) == sorted(deliver)
 
 
-def test_pillow_path_counts_a_sample_that_broke_after_validation(tmp_path):
+def _photo_shards(tmp_path, n, side=48):
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    write_tar(str(folder / "a.tar"), [(f"k{i:03d}", {"jpg": encode(_natural(rng, side + i % 7, side), quality=90),
+                                                     "txt": caption_of(i)}) for i in range(n)])
+    return str(folder)
+
+
+def test_dali_batches_stay_valid_while_held(tmp_path):
+    """DALI's batches are handed out without a copy: holding a whole epoch of them (list(loader))
+    must give the same images as cloning each batch the moment it arrives."""
+    cfg = DataConfig(shards=_photo_shards(tmp_path, 40), batch_size=4, backend="dali", num_threads=2, prefetch=2,
+                     cache_dir=str(tmp_path / "c"))
+    held = [images for images, _ in build_train_loader(cfg, 0, 1, 0, 0, SIZE, id_tokenizer)]
+    cloned = [images.clone() for images, _ in build_train_loader(cfg, 0, 1, 0, 0, SIZE, id_tokenizer)]
+    assert len(held) == len(cloned) == 10
+    assert len({im.data_ptr() for im in held}) == len(held)  # ten buffers, none reused
+    for b, (h, c) in enumerate(zip(held, cloned)):
+        assert torch.equal(h, c), f"batch {b} changed after it was handed out"
+
+
+@pytest.mark.parametrize("n, prefetch", [(40, 2), (40, 3), (6, 3), (4, 2)])
+def test_dali_runs_exactly_the_epochs_iterations(tmp_path, monkeypatch, n, prefetch):
+    """No batch is decoded past the epoch's end (the teardown would wait for it): DALI is asked for
+    max(batches, prefetch) iterations, and every one of them is consumed."""
+    real_build = data.DaliLoader._build
+    pipes = []
+
+    def build(self, plan, tmp):
+        pipes.append(real_build(self, plan, tmp))
+        return pipes[-1]
+
+    monkeypatch.setattr(data.DaliLoader, "_build", build)
+    cfg = DataConfig(shards=_photo_shards(tmp_path, n), batch_size=4, backend="dali", num_threads=1,
+                     prefetch=prefetch, cache_dir=str(tmp_path / "c"))
+    loader = build_train_loader(cfg, 0, 1, 0, 0, SIZE, id_tokenizer)
+    assert sum(len(images) for images, _ in loader) == n
+    batches = -(-n // 4)
+    # DALI's own count of scheduled-but-not-yet-returned iterations (a private attribute of Pipeline).
+    assert pipes[0]._batches_to_consume == max(0, prefetch - batches)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_sample_that_broke_after_validation_is_dropped_and_counted(tmp_path, backend):
+    """A real decode failure at run time (no injection): the PyTorch path drops the sample; DALI fails
+    the batch, carries on with the next one, and Pillow re-decodes that batch without the sample."""
     folder = tmp_path / "s"
     folder.mkdir()
-    write_tar(str(folder / "a.tar"), [(f"k{i}", {"jpg": solid_jpeg(i), "txt": caption_of(i)}) for i in range(6)])
-    cfg = DataConfig(shards=str(folder), batch_size=4, backend="pytorch", num_threads=0, cache_dir=str(tmp_path / "c"))
+    write_tar(str(folder / "a.tar"), [(f"k{i}", {"jpg": solid_jpeg(i), "txt": caption_of(i)}) for i in range(10)])
+    cfg = DataConfig(shards=str(folder), batch_size=4, backend=backend, num_threads=0 if backend == "pytorch" else 1,
+                     shuffle=False, cache_dir=str(tmp_path / "c"))
     loader = build_train_loader(cfg, 0, 1, 0, 0, SIZE, id_tokenizer, with_keys=True, catalog=data.build_catalog(
         str(folder), cache_dir=str(tmp_path / "c")))
     # Corrupt one image in place after validation (same size, so the catalog still points at it).
     shard = loader.catalog.shard(0)
-    row = shard.table[shard.keys.index("k2")]
+    row = shard.table[shard.keys.index("k5")]
     with open(folder / "a.tar", "r+b") as f:
         f.seek(int(row["img_off"]) + 2)
         f.write(b"\x00" * (int(row["img_size"]) - 2))
-    keys = run_epoch(loader)[0]
-    assert sorted(keys) == ["k0", "k1", "k3", "k4", "k5"] and loader.stats["runtime"] == {"decode_error": 1}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        keys, tokens, images = run_epoch(loader)
+    assert keys == [f"k{i}" for i in range(10) if i != 5]
+    assert tokens[:, 0].tolist() == [i for i in range(10) if i != 5]
+    expected = {"decode_error": 1}
+    if backend == "dali":  # batch 1 (k4..k7) failed in DALI; batches 0 and 2 came from DALI itself
+        expected.update(dali_failed_batches=1, fallback_decoded=3)
+    assert loader.stats["runtime"] == expected
 
 
 def test_make_shards_output_is_trusted_and_read_by_both(raw, tmp_path):
