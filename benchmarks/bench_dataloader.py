@@ -6,10 +6,12 @@
 What one round measures: a whole training epoch through `clipforge.data.build_train_loader` (pipeline
 or worker start-up included), batch 64, random resized crop to 224 (bicubic, area 0.9-1.0), CLIP
 normalisation to float32 (B, 3, 224, 224), captions tokenized by `clipforge.tokenize`. Providers:
-- `dali`: backend "dali", `num_threads` DALI CPU threads, plus one caption-tokenizing process;
+- `dali`: backend "dali" as configured by default: `num_threads` DALI CPU threads, captions tokenized
+  by one background thread (`token_workers: 0`), batches handed out without a copy;
 - `pytorch`: backend "pytorch", `num_threads` DataLoader worker processes (decode + crop + normalise +
   tokenize each batch);
-- `dali-pipeline`: the same DALI graph run bare (no tokens, no copy out): the ceiling of `dali`;
+- `dali-pipeline`: the same DALI graph run bare, built once (no tokens, no per-epoch index or
+  pipeline): the ceiling of `dali`;
 - `pillow-loop`: one thread, decode + crop + normalise per image in a Python loop (no tokens).
 The data: synthetic photo-like JPEGs (colour waves + blurred noise, quality 90, ~ 25 KB at 256²),
 written by make-shards into `$CLIPFORGE_BENCH_DATA` (default .cache/bench_dataloader), reused.
@@ -88,7 +90,7 @@ def _loader(shards: str, backend: str, threads: int):
     import clipforge
     from clipforge.data import DataConfig, build_train_loader
 
-    cfg = DataConfig(shards=shards, batch_size=BATCH, backend=backend, num_threads=threads, token_workers=1, seed=0)
+    cfg = DataConfig(shards=shards, batch_size=BATCH, backend=backend, num_threads=threads, seed=0)
     return build_train_loader(cfg, 0, 1, 0, 0, OUT_SIZE, clipforge.tokenize)
 
 
