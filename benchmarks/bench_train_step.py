@@ -143,6 +143,9 @@ def _openclip_step(preset: str, precision: str, images, tokens):
 
 
 def _make_step(provider, preset, batch, micro, precision, device):
+    pytest.importorskip("deepspeed")
+    if provider == "openclip":
+        pytest.importorskip("open_clip")
     from clipforge.config import get_preset
 
     _shim_torchvision()
@@ -156,9 +159,6 @@ def _make_step(provider, preset, batch, micro, precision, device):
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("preset,batch,micro", CPU_CASES, ids=[f"{p}-{b}" for p, b, _ in CPU_CASES])
 def test_cpu_train_step(benchmark, preset, batch, micro, provider):
-    pytest.importorskip("deepspeed")
-    if provider == "openclip":
-        pytest.importorskip("open_clip")
     step = _make_step(provider, preset, batch, micro, "fp32", torch.device("cpu"))
     step()  # warm-up: first-call allocations, the optimizer states
     resting_kib = _status_kib("VmRSS")
@@ -190,9 +190,6 @@ def _peak_tflops(device_name: str) -> float | None:
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("preset,batch,micro", GPU_CASES, ids=[f"{p}-{b}" for p, b, _ in GPU_CASES])
 def test_cuda_train_step(benchmark, preset, batch, micro, provider):
-    pytest.importorskip("deepspeed")
-    if provider == "openclip":
-        pytest.importorskip("open_clip")
     from clipforge.plan import trace_model
 
     dev = torch.device("cuda")

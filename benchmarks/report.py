@@ -143,6 +143,14 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, out_dir: str, name: str) -> str:
+    fig.tight_layout()
+    path = os.path.join(out_dir, name)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_contrastive(rows: list[dict], out_dir: str) -> list[str]:
     plt = _pyplot()
     written = []
@@ -168,11 +176,7 @@ def plot_contrastive(rows: list[dict], out_dir: str) -> list[str]:
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=8)
         fig.suptitle(f"Contrastive loss against N ({dev})")
-        fig.tight_layout()
-        path = os.path.join(out_dir, f"contrastive_{_slug(dev)}.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(plt, fig, out_dir, f"contrastive_{_slug(dev)}.png"))
     return written
 
 
@@ -193,11 +197,7 @@ def plot_attention(rows: list[dict], out_dir: str) -> list[str]:
         ax.set_title(f"Attention {pass_} ({infos[0].get('device', '?')}, {infos[0].get('dtype', '')})")
         ax.legend(fontsize=8)
         ax.grid(True, axis="y", alpha=0.3)
-        fig.tight_layout()
-        path = os.path.join(out_dir, f"attention_{_slug(pass_)}.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(plt, fig, out_dir, f"attention_{_slug(pass_)}.png"))
     return written
 
 
@@ -222,11 +222,7 @@ def plot_train_step(rows: list[dict], out_dir: str) -> list[str]:
         ax.grid(True, axis="y", alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle("One training step: clipforge vs an OpenCLIP-style baseline")
-    fig.tight_layout()
-    path = os.path.join(out_dir, "train_step.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [_save(plt, fig, out_dir, "train_step.png")]
 
 
 PLOTS = {"train_step": plot_train_step, "contrastive": plot_contrastive, "attention": plot_attention}

@@ -66,11 +66,12 @@ def _clip_loss(img, txt, s):
 
 @pytest.mark.parametrize("scale", SCALES)
 @pytest.mark.parametrize("n", SMALL_N)
-def test_torch_backend_matches_openclip(n, scale):
+@pytest.mark.parametrize("backend", ["torch", "triton"])  # triton: under the interpreter (conftest.py)
+def test_backend_matches_openclip(backend, n, scale):
     img, txt = _features(n, 16)
     want = _loss_and_grads(_clip_loss, img, txt, scale)
-    got = _loss_and_grads(lambda i, t, s: clipforge.contrastive_loss(i, t, s, backend="torch"), img, txt, scale)
-    _assert_close(got, want, 1e-5, f"torch n={n} scale={scale}", _floor(n, scale))
+    got = _loss_and_grads(lambda i, t, s: clipforge.contrastive_loss(i, t, s, backend=backend), img, txt, scale)
+    _assert_close(got, want, 1e-5, f"{backend} n={n} scale={scale}", _floor(n, scale))
 
 
 @needs_cpp
@@ -115,15 +116,6 @@ def test_cpp_float64_is_exact(chunk):
     got = _loss_and_grads(
         lambda i, t, s: clipforge.contrastive_loss(i, t, s, backend="cpp", chunk_size=chunk), img, txt, 14.3)
     _assert_close(got, want, 1e-12, f"cpp float64 chunk={chunk}")
-
-
-@pytest.mark.parametrize("scale", SCALES)
-@pytest.mark.parametrize("n", SMALL_N)
-def test_triton_interpreter_matches_openclip(n, scale):
-    img, txt = _features(n, 16)
-    want = _loss_and_grads(_clip_loss, img, txt, scale)
-    got = _loss_and_grads(lambda i, t, s: clipforge.contrastive_loss(i, t, s, backend="triton"), img, txt, scale)
-    _assert_close(got, want, 1e-5, f"triton n={n} scale={scale}", _floor(n, scale))
 
 
 def test_triton_interpreter_d512_multi_block():
