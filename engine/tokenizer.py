@@ -21,6 +21,7 @@ import functools
 import gzip
 import html
 import importlib.resources
+import numbers
 from typing import Iterable, Sequence
 
 import ftfy
@@ -178,10 +179,11 @@ class SimpleTokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of a sequence of ids, byte for byte; every id is decoded, special ones included."""
-        try:
-            symbols = "".join(self.decoder[int(i)] for i in ids)
-        except IndexError as exc:
-            raise ValueError(f"token ids must lie in [0, {VOCAB_SIZE}); got {exc}") from None
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < VOCAB_SIZE]  # a negative id would index from the end
+        if bad:
+            raise ValueError(f"token ids must lie in [0, {VOCAB_SIZE}); got {bad[:5]}")
+        symbols = "".join(self.decoder[i] for i in ids)
         raw = bytearray(self.byte_decoder[c] for c in symbols)
         return raw.decode("utf-8", errors="replace").replace("</w>", " ")
 
@@ -239,14 +241,19 @@ def decode(ids) -> str | list[str]:
     SOT and padding are dropped and a row ends at its first EOT, so ``decode(tokenize(t))`` gives the
     cleaned text (lower-case, collapsed whitespace) with one space after each word.
     """
-    if isinstance(ids, torch.Tensor):
-        if ids.dim() not in (1, 2):
-            raise ValueError(f"decode takes a 1-D or 2-D tensor of token ids, got shape {tuple(ids.shape)}")
-        ids = ids.tolist()
+    shape = getattr(ids, "shape", None)
+    if shape is not None:  # a tensor or a NumPy array: its shape, not its first element, says 1-D or 2-D
+        if len(shape) not in (1, 2):
+            raise ValueError(f"decode takes a 1-D or 2-D array of token ids, got shape {tuple(shape)}")
+        rows = ids.tolist()
+        return [_decode_row(row) for row in rows] if len(shape) == 2 else _decode_row(rows)
     ids = list(ids)
-    if ids and not isinstance(ids[0], int):
-        return [decode(row) for row in ids]
-    tokenizer = get_tokenizer()
+    if ids and not isinstance(ids[0], numbers.Integral):
+        return [_decode_row(list(row)) for row in ids]
+    return _decode_row(ids)
+
+
+def _decode_row(ids: list) -> str:
     if EOT_ID in ids:
         ids = ids[: ids.index(EOT_ID)]
-    return tokenizer.decode(i for i in ids if i != SOT_ID).rstrip(" ")
+    return get_tokenizer().decode(i for i in ids if i != SOT_ID).rstrip(" ")

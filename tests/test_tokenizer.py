@@ -3,6 +3,7 @@ import random
 
 import ftfy
 import html
+import numpy as np
 import pytest
 import torch
 
@@ -175,5 +176,18 @@ def test_decode_round_trip(reference):
     assert tk.get_tokenizer().decode(ids) == reference.decode(ids).replace("<start_of_text>", tk.SOT_TEXT).replace(
         "<end_of_text>", tk.EOT_TEXT
     )
-    with pytest.raises(ValueError, match="token ids"):
-        tk.get_tokenizer().decode([tk.VOCAB_SIZE])
+    for bad in ([tk.VOCAB_SIZE], [-1]):  # -1 must not wrap around to the last id
+        with pytest.raises(ValueError, match="token ids"):
+            tk.get_tokenizer().decode(bad)
+
+
+def test_decode_takes_arrays_by_shape():
+    tokens = clipforge.tokenize(["a red car", "two dogs"])
+    want = ["a red car", "two dogs"]
+    assert tk.decode(tokens.numpy()) == want  # NumPy elements are not Python ints
+    assert tk.decode(tokens[0].numpy()) == want[0]
+    assert tk.decode([list(map(np.int64, row)) for row in tokens.tolist()]) == want
+    assert tk.decode(tokens[:0]) == [] and tk.decode(tokens[:0].numpy()) == []  # no rows, not one empty row
+    assert tk.decode([]) == ""
+    with pytest.raises(ValueError, match="1-D or 2-D"):
+        tk.decode(tokens[None])
