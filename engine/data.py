@@ -87,12 +87,12 @@ import torch
 
 from .shards import (CAPTION_EXT, DEFAULT_MAX_PIXELS, IMAGE_EXTS, STATS_FORMAT, STATS_NAME, check_caption,
                      check_image, pil_to_rgb, read_index, scan_tar, split_name)
+from .tokenizer import DEFAULT_CONTEXT_LENGTH, EOT_ID, SOT_ID
 
 # CLIP's normalisation (CLIP.md): the statistics of the OpenAI training images.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CACHE_VERSION = 1
-SOT, EOT = 49406, 49407
 
 
 @dataclass
@@ -641,9 +641,9 @@ class _CaptionBatches(torch.utils.data.Dataset):
 class _PillowBatches(torch.utils.data.Dataset):
     """Batch b -> decoded, transformed, normalised batch b: the PyTorch backend."""
 
-    def __init__(self, plan: _EpochPlan, tokenizer, size: int, train: bool, seed: int, epoch: int, area, ratio):
+    def __init__(self, plan: _EpochPlan, tokenizer, size: int, train: bool, area, ratio):
         self.plan, self.tokenizer, self.size, self.train = plan, tokenizer, size, train
-        self.seed, self.epoch, self.area, self.ratio = seed, epoch, area, ratio
+        self.area, self.ratio = area, ratio
 
     def __len__(self):
         return self.plan.num_batches
@@ -669,14 +669,14 @@ class _PillowBatches(torch.utils.data.Dataset):
         idx = list(self.plan.batch_range(b))
         images, kept, errors = self.decode(idx)
         tokens = (_tokenize(self.tokenizer, [self.plan.caption(i) for i in kept]) if kept
-                  else torch.zeros(0, 77, dtype=torch.long))
+                  else torch.zeros(0, DEFAULT_CONTEXT_LENGTH, dtype=torch.long))
         return images, tokens, [self.plan.key(i) for i in kept], len(idx), dict(errors)
 
 
 def _default_tokenizer():
-    import clipforge
+    from .tokenizer import tokenize
 
-    return clipforge.tokenize
+    return tokenize
 
 
 class _Loader:
@@ -779,6 +779,11 @@ class _Loader:
     def _batches(self, plan):
         raise NotImplementedError
 
+    def _pillow(self, plan: _EpochPlan, tokenizer) -> _PillowBatches:
+        """The Pillow decoder of this loader's plan: the PyTorch backend, and DALI's fallback."""
+        return _PillowBatches(plan, tokenizer, self.image_size, self.train, tuple(self.cfg.random_area),
+                              tuple(self.cfg.random_aspect_ratio))
+
 
 class PyTorchLoader(_Loader):
     """DataLoader + Pillow: `num_threads` worker processes each decode, crop, normalise and tokenize whole batches."""
@@ -786,8 +791,7 @@ class PyTorchLoader(_Loader):
     backend = "pytorch"
 
     def _batches(self, plan):
-        ds = _PillowBatches(plan, self.tokenizer, self.image_size, self.train, self.cfg.seed, self.epoch,
-                            tuple(self.cfg.random_area), tuple(self.cfg.random_aspect_ratio))
+        ds = self._pillow(plan, self.tokenizer)
         workers = max(0, int(self.cfg.num_threads))
         loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers,
                                              prefetch_factor=self.cfg.prefetch if workers else None,
@@ -808,8 +812,6 @@ class _ThreadAhead:
     exceptions surface at the item that raised). close() stops it; so does reaching the end."""
 
     def __init__(self, ds, depth: int):
-        from concurrent.futures import ThreadPoolExecutor
-
         self.ds, self.depth, self.next_index = ds, depth, 0
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clipforge-captions")
         self.pending = collections.deque()
@@ -872,7 +874,7 @@ class DaliLoader(_Loader):
         # exec_dynamic (DALI's default execution model, named so it cannot change under us): each output
         # batch is a fresh buffer that stays valid while referenced, so `_to_torch` can hand it out uncopied.
         pipe = Pipeline(batch_size=self.cfg.batch_size, num_threads=max(1, self.cfg.num_threads), device_id=device_id,
-                        seed=seed, prefetch_queue_depth=self._depth(), exec_dynamic=True)
+                        seed=seed, prefetch_queue_depth=self._depth(plan), exec_dynamic=True)
         with pipe:
             jpegs = fn.readers.webdataset(paths=paths, index_paths=indexes, ext=["jpg"], random_shuffle=False,
                                           missing_component_behavior="error", name="reader")
@@ -891,8 +893,9 @@ class DaliLoader(_Loader):
         pipe.build()
         return pipe
 
-    def _depth(self) -> int:
-        return max(1, int(self.cfg.prefetch))
+    def _depth(self, plan: _EpochPlan) -> int:
+        """DALI's prefetch queue: `prefetch` batches, but never more than the epoch holds."""
+        return max(1, min(int(self.cfg.prefetch), plan.num_batches))
 
     @staticmethod
     def _to_torch(out) -> torch.Tensor:
@@ -929,7 +932,7 @@ class DaliLoader(_Loader):
             # schedule_run/outputs rather than run(): run() keeps `prefetch` iterations in flight, so it
             # would decode depth - 1 batches past the epoch's end, and the teardown would wait for them.
             pipe.schedule_run()  # the first call schedules `depth` iterations
-            scheduled = self._depth()
+            scheduled = self._depth(plan)
             for b in range(plan.num_batches):
                 idx = plan.batch_range(b)
                 tokens, keys = next(captions)
@@ -947,8 +950,7 @@ class DaliLoader(_Loader):
                         warnings.warn(f"DALI failed on a batch ({str(exc).splitlines()[-1][:200]}); decoding it with "
                                       f"Pillow instead. Counted in loader.stats['runtime'].", RuntimeWarning)
                     if fallback is None:
-                        fallback = _PillowBatches(plan, None, self.image_size, self.train, self.cfg.seed, self.epoch,
-                                                  tuple(self.cfg.random_area), tuple(self.cfg.random_aspect_ratio))
+                        fallback = self._pillow(plan, None)
                     images, kept, errors = fallback.decode(list(idx))
                     self.runtime.update(errors)
                     self.runtime["fallback_decoded"] += len(kept)
@@ -988,8 +990,8 @@ class SyntheticLoader(_Loader):
             noise = torch.stack([torch.randn(3, S, S, generator=torch.Generator().manual_seed(
                 int(self.cfg.seed) * 1_000_003 + int(i) * 7 + self.epoch)) for i in ids])
             images = patterns[cls] + 0.5 * noise
-            tokens = torch.zeros(len(ids), 77, dtype=torch.long)
-            tokens[:, 0], tokens[:, 1], tokens[:, 2] = SOT, 1000 + cls, EOT
+            tokens = torch.zeros(len(ids), DEFAULT_CONTEXT_LENGTH, dtype=torch.long)
+            tokens[:, 0], tokens[:, 1], tokens[:, 2] = SOT_ID, 1000 + cls, EOT_ID
             yield images, tokens, [plan.key(i) for i in idx], len(idx)
 
 
