@@ -108,7 +108,7 @@ def table_contrastive(rows: list[dict]) -> str:
                                          r["extra_info"]["n"], r["extra_info"]["provider"])):
         e = r["extra_info"]
         out.append([e.get("device"), e["n"], e.get("d"), e["provider"], e.get("seconds"),
-                    e.get("gflops_4gemm") or e.get("tflops"), e.get("peak_extra_mb")])
+                    e.get("gflops_4gemm"), e.get("peak_extra_mb")])
     return _table(["device", "N", "d", "provider", "s (fwd+bwd)", "GFLOP/s (4 GEMMs)", "extra memory (MB)"], out)
 
 
