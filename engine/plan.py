@@ -44,13 +44,14 @@ from dataclasses import dataclass
 import torch
 
 from .config import get_preset
+from .train_config import DeepSpeedSection
 
 GiB = 1024**3
 RESERVE_BYTES = 1 * GiB
 FRAGMENTATION_HEADROOM = 0.10
-# the trainer's DeepSpeed defaults (engine/train_config.py, DeepSpeedSection)
-REDUCE_BUCKET = 500_000_000
-PREFETCH_BUCKET = 50_000_000
+# the trainer's DeepSpeed defaults
+REDUCE_BUCKET = DeepSpeedSection.reduce_bucket_size
+PREFETCH_BUCKET = DeepSpeedSection.stage3_prefetch_bucket_size
 
 
 @dataclass(frozen=True)
@@ -278,12 +279,13 @@ def link_gbs(spec: GPUSpec, world: int) -> float:
     return spec.nvlink_gbs if world <= GPUS_PER_NODE else spec.network_gbs
 
 
-def measured_mfu(gpu: str, results_dir: str | None) -> tuple[float, str] | None:
-    """Model-FLOPs utilisation measured by benchmarks/bench_train_step.py on this GPU family, if any."""
+def measured_mfu(gpu: str, results_dir: str | None, model: str | None = None) -> tuple[float, str] | None:
+    """Model-FLOPs utilisation measured by benchmarks/bench_train_step.py on this GPU family, if any:
+    the highest of `model`'s measurements, else the highest of any model's."""
     if not results_dir or not os.path.isdir(results_dir):
         return None
     family = gpu.split("-")[0]
-    best = None
+    found = []
     for path in sorted(glob.glob(os.path.join(results_dir, "*.json"))):
         try:
             with open(path) as f:
@@ -293,8 +295,12 @@ def measured_mfu(gpu: str, results_dir: str | None) -> tuple[float, str] | None:
         for bench in data.get("benchmarks", []):
             info = bench.get("extra_info", {})
             if info.get("provider") == "clipforge" and info.get("mfu") and family in str(info.get("device", "")):
-                best = (float(info["mfu"]), f"{os.path.basename(path)}: {bench.get('name')}")
-    return best
+                found.append((info.get("preset") == model, float(info["mfu"]),
+                              f"{os.path.basename(path)}: {bench.get('name')}"))
+    if not found:
+        return None
+    _, mfu, source = max(found)
+    return mfu, source
 
 
 @dataclass
@@ -354,7 +360,7 @@ def make_plan(model: str, gpu: str, gpus: int, batch: int, precision: str | None
     trace = trace or trace_model(model, precision)
     local = batch // gpus
     capacity = spec.memory_gib * GiB * (1 - FRAGMENTATION_HEADROOM) - RESERVE_BYTES
-    measured = measured_mfu(gpu, results_dir) if mfu is None else None
+    measured = measured_mfu(gpu, results_dir, model) if mfu is None else None
     if mfu is not None:
         source = "given with --mfu"
     elif measured:
@@ -452,7 +458,7 @@ def run_config(plan: Plan, data_path: str, output_dir: str | None = None) -> dic
         "data": {"kind": "webdataset", "path": data_path, "loader": "dali", "num_workers": 8},
         "batch": {"global_size": plan.batch, "micro_size": b.micro},
         "optimizer": {"lr": 4.0e-4 if is_l else 5.0e-4, "weight_decay": 0.2, "grad_clip": 1.0},
-        "schedule": {"warmup_steps": 2000, "total_steps": max(2000, 400_000_000 * 32 // plan.batch)},
+        "schedule": {"warmup_steps": 2000},  # total_steps: max_steps
         "precision": {"dtype": plan.precision},
         "deepspeed": {"zero_stage": b.zero, "overlap_comm": plan.gpus > 1 and b.zero > 0},
         "max_steps": max(2000, 400_000_000 * 32 // plan.batch),

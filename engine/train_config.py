@@ -187,6 +187,9 @@ class TrainConfig:
         _positive("max_steps", self.max_steps)
         _positive("max_nonfinite_steps", self.max_nonfinite_steps)
         _positive("checkpointing.keep_last", self.checkpointing.keep_last)
+        if "grad_checkpointing" in self.model.overrides:
+            raise ConfigError("config key 'model.overrides.grad_checkpointing' is a run setting: set "
+                              "model.grad_checkpointing instead")
         if self.optimizer.lr <= 0:
             raise ConfigError(f"config key 'optimizer.lr' must be positive, got {self.optimizer.lr}")
         if self.optimizer.betas is not None and (

@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import DS_TAG, load_trainer_state, save_trainer_state
+from .loss import _all_gather_rows
 from .train_config import MAX_LOGIT_SCALE, ConfigError, TrainConfig
 
 
@@ -274,7 +275,7 @@ class Trainer:
         self.cfg = cfg
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.group = dist.group.WORLD
-        self.gas = cfg.validate(self.world_size)
+        cfg.validate(self.world_size)
         self.local_batch = cfg.batch.global_size // self.world_size
         accel = get_accelerator()
         self.device = torch.device(accel.current_device_name())
@@ -508,7 +509,8 @@ class Trainer:
                 txt_parts.append(txt.float())
             img, txt = torch.cat(img_parts), torch.cat(txt_parts)
             if self.world_size > 1:
-                img, txt = _all_gather_cat(img, self.group), _all_gather_cat(txt, self.group)
+                img = _all_gather_rows(img, self.group, self.world_size)
+                txt = _all_gather_rows(txt, self.group, self.world_size)
             logits = scale.float() * img @ txt.t()  # (N, N)
             labels = torch.arange(logits.shape[0], device=logits.device)
             losses.append(float(0.5 * (torch.nn.functional.cross_entropy(logits, labels)
@@ -584,12 +586,6 @@ class Trainer:
         for name, shape in self._declared_shapes.items():
             state[name] = state[name].reshape(shape)
         return state
-
-
-def _all_gather_cat(x: torch.Tensor, group) -> torch.Tensor:
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts)
 
 
 def _float_or_none(x) -> float | None:

@@ -156,6 +156,14 @@ def test_measured_mfu_is_read_from_benchmark_json(tmp_path):
     (tmp_path / "gpu.json").write_text(json.dumps(bench))
     assert planner.measured_mfu("H100-80GB", str(tmp_path))[0] == 0.37
     assert planner.measured_mfu("A100-40GB", str(tmp_path)) is None
+    # Several runs: the model's own best measurement, else the best of any model's.
+    rows = [("ViT-B-32", 0.37), ("ViT-L-14", 0.45), ("ViT-B-32", 0.41), ("ViT-B-32", 0.30)]
+    bench = {"benchmarks": [{"name": f"run{i}", "extra_info": {"provider": "clipforge", "mfu": m, "preset": p,
+                                                               "device": "NVIDIA H100 80GB HBM3"}}
+                            for i, (p, m) in enumerate(rows)]}
+    (tmp_path / "gpu.json").write_text(json.dumps(bench))
+    assert planner.measured_mfu("H100-80GB", str(tmp_path), "ViT-B-32") == (0.41, "gpu.json: run2")
+    assert planner.measured_mfu("H100-80GB", str(tmp_path), "RN50")[0] == 0.45
 
 
 @pytest.mark.parametrize("argv,message", [

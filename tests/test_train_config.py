@@ -38,6 +38,7 @@ def write(tmp_path, data, name="run.yaml"):
          "deepspeed.offload_optimizer"),
         ({"deepspeed": {"zero_stage": 5}}, "deepspeed.zero_stage"),
         ({"data": {"kind": "webdataset"}}, "data.path"),
+        ({"model": {"overrides": {"grad_checkpointing": True}}}, "model.overrides.grad_checkpointing"),
     ],
 )
 def test_bad_configs_are_refused_naming_the_key(tmp_path, data, key):
