@@ -30,7 +30,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -258,12 +257,6 @@ def make_run_dir(output_dir: str | None, runs_root: str, force: bool) -> str:
 
 
 # ------------------------------------------------------------------------------------- training
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launcher() -> str:
     here = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     found = here if os.path.exists(here) else shutil.which("deepspeed")
@@ -275,7 +268,9 @@ def launcher() -> str:
 def train(config: str, run_dir: str, data_dir: str, *, ranks: int, max_steps: int | None, overrides=()) -> None:
     """Launch `deepspeed --num_gpus RANKS --module clipforge.train` on the demo shards; the launcher's
     output goes to the console and to run_dir/train.log."""
-    port = _free_port()
+    from .train import free_port, remove_shm_buffers
+
+    port = free_port()
     cmd = [launcher(), "--num_gpus", str(ranks), "--master_port", str(port), "--module", "clipforge.train",
            "--config", config, "--output-dir", run_dir, "--set", f"data.path={os.path.join(data_dir, 'train')}"]
     if max_steps is not None:
@@ -302,26 +297,12 @@ def train(config: str, run_dir: str, data_dir: str, *, ranks: int, max_steps: in
             console.feed(chunk)
         console.feed(b"", final=True)
         status = proc.wait()
-    _remove_shm_buffers(port)
+    # Each rank unlinks its own buffers at exit (clipforge.train.shutdown_distributed); this catches
+    # those of a rank that died first. The port was free when this launch began, so files carrying it
+    # belong to this launch only.
+    remove_shm_buffers("127.0.0.1", port)
     if status != 0:
         raise DemoError(f"training failed (exit {status}); see {log_path}")
-
-
-def _remove_shm_buffers(port: int) -> None:
-    """Delete what is left of the shared-memory all-reduce buffers DeepSpeed's CPU comm op made for
-    this launch (69 MB per rank, RAM-backed).
-
-    Each rank unlinks its own at exit (clipforge.train.shutdown_distributed); this catches the buffers
-    of a rank that died before it could. The port was free when this launch began, so files carrying
-    it belong to this launch only.
-    """
-    import glob
-
-    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_127.0.0.1_{port}_*"):
-        try:
-            os.remove(path)
-        except OSError:
-            pass  # already gone (removed by its rank, or another clean-up)
 
 
 class _Console:

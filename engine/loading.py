@@ -292,9 +292,14 @@ def _reset_buffers(model: CLIP) -> None:
 
 def save(model: CLIP, path: str | os.PathLike) -> None:
     """Write `model` as safetensors with its config in the metadata (what `load` reads back)."""
+    save_state_dict(model.state_dict(), model.config, path)
+
+
+def save_state_dict(state: dict, config: CLIPConfig, path: str | os.PathLike) -> None:
+    """Write CLIP weights as safetensors with `config` in the metadata, atomically (tmp file + rename)."""
     from safetensors.torch import save_file
 
-    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    sd = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     tmp = f"{os.fspath(path)}.tmp"
-    save_file(sd, tmp, metadata={"clipforge_config": json.dumps(model.config.to_dict())})
+    save_file(sd, tmp, metadata={"clipforge_config": json.dumps(config.to_dict())})
     os.replace(tmp, path)

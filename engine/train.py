@@ -84,19 +84,25 @@ def _remove_own_shm_buffers() -> None:
     after one test session). Each rank removes its own once its group is gone; a peer still mapping one
     keeps its mapping until it exits.
     """
+    addr, port, rank = (os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "RANK"))
+    if addr and port and rank:
+        remove_shm_buffers(addr, port, rank)
+
+
+def remove_shm_buffers(addr: str, port, rank="*") -> None:
+    """Unlink DeepSpeed's /dev/shm all-reduce buffers of the group at addr:port: one rank's, or ("*") all."""
     import glob
 
-    addr, port, rank = (os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "RANK"))
-    if not (addr and port and rank):
-        return
+    rank = rank if rank == "*" else glob.escape(str(rank))
     for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{glob.escape(addr)}_{port}_{rank}"):
         try:
             os.remove(path)
         except OSError:
-            pass  # already removed by another clean-up (the demo's, after its launch)
+            pass  # already gone (removed by its rank, or another clean-up)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now (for a process group's rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -113,7 +119,7 @@ def init_distributed() -> None:
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     accel = get_accelerator()
     if accel.device_name() == "cpu":
         backend = "gloo"
@@ -234,6 +240,7 @@ def train(cfg: TrainConfig, resume: str | None = None, grad_hook=None) -> int:
     `grad_hook(trainer)`, if given, runs every step between the last backward and the optimizer step
     (see `Trainer.grad_hook`)."""
     from . import checkpoint
+    from .loading import save_state_dict
     from .trainer import NonFiniteLossError, Trainer
 
     rank = dist.get_rank()
@@ -274,20 +281,11 @@ def train(cfg: TrainConfig, resume: str | None = None, grad_hook=None) -> int:
         save(trainer, cfg)
     weights = trainer.full_state_dict(rank0_only=True)  # collective under ZeRO 3
     if rank == 0:
-        _export_weights(trainer, weights, os.path.join(cfg.output_dir, "model.safetensors"))
+        save_state_dict(weights, trainer.model_config, os.path.join(cfg.output_dir, "model.safetensors"))
         if cfg.logging.plot and os.path.exists(log.path):
             plot_loss_curve(log.path, os.path.join(cfg.output_dir, "loss_curve.png"))
     dist.barrier()
     return status
-
-
-def _export_weights(trainer, weights: dict, path: str) -> None:
-    from safetensors.torch import save_file
-
-    tmp = path + ".tmp"
-    save_file({k: v.contiguous() for k, v in weights.items()}, tmp,
-              metadata={"clipforge_config": json.dumps(trainer.model_config.to_dict())})
-    os.replace(tmp, path)
 
 
 def _write_resolved_config(cfg: TrainConfig, world_size: int) -> None:

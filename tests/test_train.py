@@ -8,13 +8,14 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 import yaml
+
+from clipforge.train import free_port
 
 pytest.importorskip("deepspeed")
 
@@ -103,12 +104,6 @@ def run_main(config: str, *args) -> int:
         torch.set_rng_state(state)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env() -> dict:
     env = dict(os.environ)
     env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, ".cache", "torch_extensions"))
@@ -118,7 +113,7 @@ def _env() -> dict:
 
 def run_two_ranks(config: str, *args, script=("-m", "clipforge.train"), extra=(), timeout=240):
     """Two ranks of `script` (default: python -m clipforge.train) with the launcher's environment."""
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for rank in range(2):
         env = _env()
@@ -497,7 +492,7 @@ def test_deepspeed_launcher_runs_on_cpu(reference_run, tmp_path):
     launcher = shutil.which("deepspeed") or os.path.join(os.path.dirname(sys.executable), "deepspeed")
     config = write_config(tmp_path, "launched", batch={"micro_size": 4}, deepspeed={"zero_stage": 1},
                           max_steps=2, logging={"tensorboard": True, "plot": True, "progress_bar": True})
-    cmd = [launcher, "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "clipforge.train",
+    cmd = [launcher, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "clipforge.train",
            "--config", config]
     proc = subprocess.run(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:]
