@@ -231,7 +231,7 @@ def iter_image_batches(model, images, batch_size: int = 64, *, on_error: str = "
     try:
         offset = start
         for chunk in _chunks(images, batch_size):
-            kept, rows, skipped = [], [], []
+            kept, skipped = [], []
             pending = []
             for j, item in enumerate(chunk):
                 i = offset + j
@@ -259,6 +259,7 @@ def iter_image_batches(model, images, batch_size: int = 64, *, on_error: str = "
                     continue
                 kept.append(i)
                 uint8.append((len(kept) - 1, pixels))
+            batch = None
             if kept:
                 from .data import normalize_uint8
 
@@ -267,8 +268,7 @@ def iter_image_batches(model, images, batch_size: int = 64, *, on_error: str = "
                     batch[[p for p, _ in uint8]] = normalize_uint8(torch.from_numpy(np.stack([a for _, a in uint8])))
                 for p, t in tensors:
                     batch[p] = t
-                rows = batch
-            yield kept, (rows if kept else None), skipped
+            yield kept, batch, skipped
             offset += len(chunk)
     finally:
         if pool is not None:

@@ -29,17 +29,16 @@ import csv
 import json
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from .shards import IMAGE_EXTS, split_name
+from .shards import CAPTION_COLUMNS, IMAGE_COLUMNS, IMAGE_EXTS, split_name
 
 TASKS = ("zeroshot", "retrieval", "linear-probe")
-_IMAGE_COLUMNS = ("image", "filepath", "path", "file", "image_path")
-_CAPTION_COLUMNS = ("caption", "text", "title", "captions")
+_CAPTION_COLUMNS = CAPTION_COLUMNS + ("captions",)  # here a cell may also hold a list of captions (JSON)
 
 
 class EvalDataError(ValueError):
@@ -65,7 +64,6 @@ class EvalConfig:
     amp: bool = True  # autocast (bf16 / fp16) on CUDA
     progress: bool | None = None
     confusion_png: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,7 +320,7 @@ def captioned_images(spec: str) -> tuple[list[Any], list[str], list[str], list[i
         rows = _read_table(spec)
         if not rows:
             raise EvalDataError(f"{spec} holds no rows")
-        icol = _column(rows[0].keys(), _IMAGE_COLUMNS, "image-path", spec)
+        icol = _column(rows[0].keys(), IMAGE_COLUMNS, "image-path", spec)
         ccol = _column(rows[0].keys(), _CAPTION_COLUMNS, "caption", spec)
         base = os.path.dirname(os.path.abspath(spec))
         where: dict[str, int] = {}

@@ -227,8 +227,6 @@ def pil_to_rgb(im):
         return im
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         arr = np.asarray(im)
-        if mode == "I" and arr.size and int(arr.max()) > 65535:
-            arr = np.clip(arr, 0, 65535)
         # 16-bit range to 8 bits (Pillow's own convert("L") clips at 255 instead).
         arr = (np.clip(arr, 0, 65535).astype(np.uint32) >> 8).astype(np.uint8)
         return Image.fromarray(arr, "L").convert("RGB")
@@ -366,8 +364,9 @@ def _folder_items(src: str):
         yield os.path.relpath(d.get("image", stem), src), d.get("image"), ("file", d.get("caption"))
 
 
-_IMAGE_COLS = ("path", "image", "image_path", "filepath", "file", "filename")
-_CAPTION_COLS = ("caption", "text", "title")
+# Column names a (path, caption) table may use, in order of preference (clipforge.eval reads the same).
+IMAGE_COLUMNS = ("path", "image", "image_path", "filepath", "file", "filename")
+CAPTION_COLUMNS = ("caption", "text", "title")
 
 
 def _pick(columns, wanted, given, table):
@@ -391,13 +390,13 @@ def _table_items(src: str, image_col: str | None, caption_col: str | None):
             raise SystemExit(f"reading {src} needs pyarrow: pip install pyarrow") from exc
         table = pq.read_table(src)
         cols = table.column_names
-        ic, cc = _pick(cols, _IMAGE_COLS, image_col, src), _pick(cols, _CAPTION_COLS, caption_col, src)
+        ic, cc = _pick(cols, IMAGE_COLUMNS, image_col, src), _pick(cols, CAPTION_COLUMNS, caption_col, src)
         rows = zip(table.column(ic).to_pylist(), table.column(cc).to_pylist())
     else:
         f = open(src, newline="", encoding="utf-8")
         reader = csv.DictReader(f)
         cols = reader.fieldnames or []
-        ic, cc = _pick(cols, _IMAGE_COLS, image_col, src), _pick(cols, _CAPTION_COLS, caption_col, src)
+        ic, cc = _pick(cols, IMAGE_COLUMNS, image_col, src), _pick(cols, CAPTION_COLUMNS, caption_col, src)
         rows = ((r[ic], r[cc]) for r in reader)
     for path, caption in rows:
         full = os.path.join(base, path) if path else None
