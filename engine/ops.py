@@ -45,11 +45,6 @@ def _cuda_capability(device: torch.device) -> tuple[int, int] | None:
     return torch.cuda.get_device_capability(device)
 
 
-def triton_interpreting() -> bool:
-    """True when Triton kernels run on CPU tensors through the interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 @functools.lru_cache(maxsize=None)
 def _has_module(name: str) -> bool:
     import importlib.util
@@ -117,12 +112,7 @@ def attention(q, k, v, *, causal: bool = False, softmax_scale: float | None = No
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=softmax_scale)
     if name == "torch":
         return reference.attention(q, k, v, causal=causal, softmax_scale=softmax_scale)
-    if name == "triton":
-        if q.device.type != "cuda" and not triton_interpreting():
-            raise RuntimeError(
-                "the triton attention backend needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU testing); "
-                f"got a tensor on {q.device}. Use backend='sdpa' on CPU."
-            )
+    if name == "triton":  # the kernel refuses a device it cannot run on (kernels.utils.check_kernel_device)
         from .kernels.attention import attention as triton_attention
 
         return triton_attention(q, k, v, causal=causal, softmax_scale=softmax_scale)

@@ -39,8 +39,7 @@ from .utils import (
     attention_tiles,
     check_kernel_device,
     cuda_capability,
-    dot_precision,
-    is_interpreted,
+    kernel_flags,
     next_power_of_2,
 )
 
@@ -376,11 +375,6 @@ def _empty_bhsd(batch: int, heads: int, seq: int, head_dim: int, like: torch.Ten
     return torch.empty(batch, seq, heads, head_dim, dtype=like.dtype, device=like.device).transpose(1, 2)
 
 
-def _kernel_flags(dtype: torch.dtype, kernel) -> dict:
-    # The interpreter computes bf16 incorrectly: convert tiles to fp32 right after tl.load there.
-    return {"UPCAST": is_interpreted(kernel), "DOT_PRECISION": dot_precision(dtype)}
-
-
 def _attention_forward(q, k, v, causal: bool, softmax_scale: float):
     """Launch the forward kernel. Returns O (batch, heads, seq_q, d) and L (batch, heads, seq_q), fp32, base 2."""
     batch, heads, seqlen_q, head_dim = q.shape
@@ -398,7 +392,7 @@ def _attention_forward(q, k, v, causal: bool, softmax_scale: float):
         heads, seqlen_q, seqlen_k, softmax_scale * LOG2E,
         CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_D=max(16, next_power_of_2(head_dim)),
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
-        **_kernel_flags(q.dtype, _attention_fwd_kernel),
+        **kernel_flags(_attention_fwd_kernel, q.dtype),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return o, lse
@@ -412,7 +406,7 @@ def _attention_backward(do, q, k, v, o, lse, causal: bool, softmax_scale: float)
     batch, heads, seqlen_q, head_dim = q.shape
     seqlen_k = k.shape[2]
     block_d = max(16, next_power_of_2(head_dim))
-    flags = _kernel_flags(q.dtype, _attention_bwd_dq_kernel)
+    flags = kernel_flags(_attention_bwd_dq_kernel, q.dtype)
     capability = cuda_capability(q.device)
     dq = _empty_bhsd(batch, heads, seqlen_q, head_dim, q)
     dk = _empty_bhsd(batch, heads, seqlen_k, head_dim, k)

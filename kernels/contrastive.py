@@ -8,10 +8,10 @@ Forward (one GEMM pass): a program owns BLOCK_M image rows and walks the text BL
 row log-sum-exp is complete at the end of the walk (online softmax); the column (max, sum-exp) of its
 BLOCK_M rows are written per row block (num_row_blocks x m floats, no atomics) and merged on the host
 (and across ranks by engine/loss.py).
-Backward (two kernels, no atomics, each tile recomputed from the saved statistics):
-  rows: a program owns BLOCK_M rows x BLOCK_DO feature columns of G T and walks the text;
-  cols: a program owns BLOCK_N text rows x BLOCK_DO feature columns of G^T I and walks the images.
-  Each recomputes the logits tile (K loop over d) and forms P = exp(l - r_i) + exp(l - c_j). The
+Backward (one kernel launched twice, no atomics, each tile recomputed from the saved statistics): a
+  program owns BLOCK_M rows of A x BLOCK_DO feature columns of its output and walks B. (A, B) = (I, T)
+  gives G T; (T, I), with the row and column statistics swapped, gives G^T I, since P is symmetric in
+  its two roles. Each recomputes the logits tile (K loop over d) and forms P = exp(l - r_i) + exp(l - c_j). The
   diagonal term, the scale and ds are O((n + m) d) and done on the host.
   FLOPs: forward 2nmd; backward 2 * (slices + 1) * 2nmd, the recompute repeating once per feature
   slice (BLOCK_DO = 256): 5 GEMM-equivalents in all for d <= 256, 7 for d = 512, 9 for d = 768.
@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import check_kernel_device, dot_precision, is_interpreted, next_power_of_2
+from .utils import check_kernel_device, kernel_flags, next_power_of_2
 
 # Masked logits: a large finite negative instead of -inf, so fully masked rows/columns give exp(0)
 # (ignored by the masked stores) rather than NaN from (-inf) - (-inf).
@@ -140,43 +140,6 @@ def _contrastive_bwd_rows_kernel(
     tl.store(GT + offs, acc * coef, mask=mask_m[:, None] & mask_do[None, :])
 
 
-@triton.jit
-def _contrastive_bwd_cols_kernel(
-    GTI, stride_gn, stride_gd,
-    I, stride_im, stride_id,
-    T, stride_tn, stride_td,
-    ROW_HI, ROW_LO, COL_HI, COL_LO,
-    n_rows, n_cols, dim, scale, coef,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    # GTI[cols, dslice] = coef * sum_i P_ij I_i[dslice]   (the diagonal term is added on the host)
-    pid_n = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < n_cols
-    offs_do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    mask_do = offs_do < dim
-    c_hi = tl.load(COL_HI + offs_n, mask=mask_n, other=0.0)
-    c_lo = tl.load(COL_LO + offs_n, mask=mask_n, other=0.0)
-    acc = tl.zeros((BLOCK_N, BLOCK_DO), dtype=tl.float32)
-    for m0 in range(0, n_rows, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < n_rows
-        logits = _logits_tile(I, stride_im, stride_id, T, stride_tn, stride_td, offs_m, offs_n, mask_m, mask_n,
-                              dim, scale, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION)
-        r_hi = tl.load(ROW_HI + offs_m, mask=mask_m, other=0.0)
-        r_lo = tl.load(ROW_LO + offs_m, mask=mask_m, other=0.0)
-        p = _probabilities(logits, r_hi, r_lo, c_hi, c_lo, mask_m, mask_n)
-        a = tl.load(I + offs_m[:, None] * stride_im + offs_do[None, :] * stride_id,
-                    mask=mask_m[:, None] & mask_do[None, :], other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-        acc += tl.dot(tl.trans(p.to(a.dtype)), a, input_precision=DOT_PRECISION)
-    offs = offs_n.to(tl.int64)[:, None] * stride_gn + offs_do[None, :] * stride_gd
-    tl.store(GTI + offs, acc * coef, mask=mask_n[:, None] & mask_do[None, :])
-
-
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -199,16 +162,12 @@ def _check(image: torch.Tensor, text: torch.Tensor) -> None:
                          f"{tuple(image.shape)} and {tuple(text.shape)}")
 
 
-def _flags(dtype: torch.dtype) -> dict:
-    return {"UPCAST": is_interpreted(_contrastive_fwd_kernel), "DOT_PRECISION": dot_precision(dtype)}
-
-
 def _contrastive_forward(image: torch.Tensor, text: torch.Tensor, scale: float):
     """Statistics of logits = scale * image @ text^T, float64 (as clipforge._C's): (row_lse (n),
     col_max (m), col_sum (m)); col_sum = sum_i exp(l_ij - col_max_j) over these image rows (partial
     across ranks). float64 because an lse is ~ the scale (<= 100): in fp32 its absolute error 100 * 6e-8
     would become a 6e-6 relative error of every probability in the backward. The kernel's outputs
-    (max and sum-exp, each exact to fp32) are combined here, O(n + m * n / BLOCK_M)."""
+    (max and sum-exp, each exact to fp32) are combined here, O(n + m * n / BLOCK_M) memory."""
     _check(image, text)
     n, dim = image.shape
     m = text.shape[0]
@@ -225,12 +184,15 @@ def _contrastive_forward(image: torch.Tensor, text: torch.Tensor, scale: float):
         row_max, row_sum, part_max, part_sum, part_max.stride(0),
         image, image.stride(0), image.stride(1), text, text.stride(0), text.stride(1),
         n, m, dim, float(scale),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **_flags(image.dtype),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **kernel_flags(_contrastive_fwd_kernel, image.dtype),
     )
     row_lse = row_max.double() + torch.log(row_sum.double())
-    col_max = part_max.amax(0).double()  # merge the row blocks: (blocks, m) -> (m)
-    col_sum = (part_sum.double() * torch.exp(part_max.double() - col_max)).sum(0)
-    return row_lse, col_max, col_sum
+    # Merge the row blocks, (blocks, m) -> (m), in place: float64 copies of the partials would take
+    # 5 x 8 x m x n / BLOCK_M bytes (0.7 GB at n = m = 32k). Each term is rescaled to its column's max
+    # (a factor <= 1), so the fp32 sum keeps fp32's relative precision; only the result goes to float64.
+    col_max = part_max.amax(0)
+    part_sum.mul_(part_max.sub_(col_max).exp_())
+    return row_lse, col_max.double(), part_sum.sum(0).double()
 
 
 def _split(x: torch.Tensor):
@@ -249,15 +211,19 @@ def _contrastive_backward(image, text, scale: float, row_lse, col_lse, row_offse
     gt = torch.empty(n, dim, device=image.device, dtype=torch.float32)   # G T  (n, d)
     gti = torch.empty(m, dim, device=image.device, dtype=torch.float32)  # G^T I (m, d)
     if n and m:
-        flags = _flags(image.dtype)
-        args = (image, image.stride(0), image.stride(1), text, text.stride(0), text.stride(1),
-                *_split(row_lse), *_split(col_lse), n, m, dim, float(scale), float(coef))
-        _contrastive_bwd_rows_kernel[(triton.cdiv(n, bm), triton.cdiv(dim, bdo))](
-            gt, gt.stride(0), gt.stride(1), *args,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_DO=bdo, num_warps=warps, **flags)
-        _contrastive_bwd_cols_kernel[(triton.cdiv(m, bn), triton.cdiv(dim, bdo))](
-            gti, gti.stride(0), gti.stride(1), *args,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_DO=bdo, num_warps=warps, **flags)
+        flags = kernel_flags(_contrastive_bwd_rows_kernel, image.dtype)
+        row_stats, col_stats = _split(row_lse), _split(col_lse)
+
+        def reduce_rows(out, a, b, a_stats, b_stats, block_a, block_b):
+            # out[i] = coef * sum_j P_ij b_j over the rows i of `a`. P is symmetric in its two roles (row
+            # and column softmax), so with text as `a` this is G^T I: one kernel serves both products.
+            _contrastive_bwd_rows_kernel[(triton.cdiv(a.shape[0], block_a), triton.cdiv(dim, bdo))](
+                out, out.stride(0), out.stride(1), a, a.stride(0), a.stride(1), b, b.stride(0), b.stride(1),
+                *a_stats, *b_stats, a.shape[0], b.shape[0], dim, float(scale), float(coef),
+                BLOCK_M=block_a, BLOCK_N=block_b, BLOCK_K=bk, BLOCK_DO=bdo, num_warps=warps, **flags)
+
+        reduce_rows(gt, image, text, row_stats, col_stats, bm, bn)   # G T
+        reduce_rows(gti, text, image, col_stats, row_stats, bn, bm)  # G^T I
     else:
         gt.zero_()
         gti.zero_()

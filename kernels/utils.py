@@ -18,6 +18,7 @@ __all__ = [
     "cuda_capability",
     "dot_precision",
     "is_interpreted",
+    "kernel_flags",
     "next_power_of_2",
 ]
 
@@ -56,6 +57,12 @@ def dot_precision(dtype: torch.dtype) -> str:
     """`tl.dot` input precision: exact ("ieee") for fp32 operands, the default ("tf32", a no-op for
     fp16/bf16 operands, which always use the tensor cores with an fp32 accumulator) otherwise."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def kernel_flags(kernel, dtype: torch.dtype) -> dict:
+    """The UPCAST / DOT_PRECISION constexprs of a launch. UPCAST: under the interpreter, which computes
+    bf16 incorrectly, tiles are converted to fp32 right after tl.load."""
+    return {"UPCAST": is_interpreted(kernel), "DOT_PRECISION": dot_precision(dtype)}
 
 
 @dataclasses.dataclass(frozen=True)
