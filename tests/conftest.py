@@ -34,7 +34,15 @@ def pytest_collection_modifyitems(config, items):
 
 
 
-DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]  # digits_clip's labels
+
+
+def digit_pixels(images: torch.Tensor):
+    """digits_clip's CLIP-normalised (N, 3, R, R) -> uint8 NumPy (N, R, R, 3): the real scans as ordinary images."""
+    from clipforge.data import CLIP_MEAN, CLIP_STD
+
+    x = images * torch.tensor(CLIP_STD).view(1, 3, 1, 1) + torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 @pytest.fixture(scope="session")

@@ -12,8 +12,8 @@ from PIL import Image
 import clipforge
 from clipforge.api import ImageReadError, preprocess, progress_path, write_embeddings
 from clipforge.data import CLIP_MEAN, CLIP_STD
-NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]  # conftest.digits_clip labels
 from clipforge.zeroshot import get_templates, template_sets
+from conftest import DIGIT_NAMES as NAMES, digit_pixels
 
 
 @pytest.fixture(scope="module")
@@ -162,15 +162,9 @@ def test_imagenet_templates_are_the_papers_80():
     assert [t("{}") for t in meta.SIMPLE_IMAGENET_TEMPLATES] == sets["imagenet-7"]
 
 
-def _digit_pixels(images: torch.Tensor) -> np.ndarray:
-    """CLIP-normalised (N, 3, R, R) -> uint8 (N, R, R, 3): the real scans as ordinary image arrays."""
-    x = images * torch.tensor(CLIP_STD).view(1, 3, 1, 1) + torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
 def test_zero_shot_on_real_digits(digits_clip):
     model, images, labels, test_idx = digits_clip
-    pixels = _digit_pixels(images[test_idx])
+    pixels = digit_pixels(images[test_idx])
     clf = model.zero_shot_classifier(NAMES, ["a handwritten {}", "a scan of the number {}"])
     probs = model.classify(list(pixels), clf, batch_size=100)
     acc = float((probs.argmax(1) == labels[test_idx].numpy()).mean())

@@ -12,9 +12,7 @@ from PIL import Image
 import clipforge
 from clipforge import cli
 from clipforge.api import preprocess, progress_path
-from clipforge.data import CLIP_MEAN, CLIP_STD
-
-NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]  # conftest.digits_clip labels
+from conftest import DIGIT_NAMES as NAMES, digit_pixels
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +97,7 @@ def test_zeroshot_cli_predictions(digits_clip, tmp_path):
     model, images, labels, test_idx = digits_clip
     ckpt = tmp_path / "digits.safetensors"
     clipforge.save(model, ckpt)
-    x = images[test_idx[:80]] * torch.tensor(CLIP_STD).view(1, 3, 1, 1) + torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    pixels = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    pixels = digit_pixels(images[test_idx[:80]])
     (tmp_path / "imgs").mkdir()
     for i, a in enumerate(pixels):
         Image.fromarray(a).save(tmp_path / "imgs" / f"{i:03d}_{int(labels[test_idx[i]])}.png")
@@ -121,8 +118,7 @@ def test_eval_cli_reports(digits_clip, tmp_path):
     model, images, labels, test_idx = digits_clip
     ckpt = tmp_path / "digits.safetensors"
     clipforge.save(model, ckpt)
-    x = images[test_idx[:150]] * torch.tensor(CLIP_STD).view(1, 3, 1, 1) + torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    pixels = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    pixels = digit_pixels(images[test_idx[:150]])
     rows = []
     for i, a in enumerate(pixels):
         name = NAMES[int(labels[test_idx[i]])]

@@ -11,17 +11,11 @@ import torch
 from PIL import Image
 
 from clipforge import eval as cfeval
-from clipforge.data import CLIP_MEAN, CLIP_STD
-NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]  # conftest.digits_clip labels
 from clipforge.reference import retrieval_recall
 from clipforge.retrieval import recall_at_k
+from conftest import DIGIT_NAMES as NAMES, digit_pixels
 
 TEMPLATES = ["a handwritten {}", "a scan of the number {}"]
-
-
-def _pixels(images: torch.Tensor) -> np.ndarray:
-    x = images * torch.tensor(CLIP_STD).view(1, 3, 1, 1) + torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def _png(arr: np.ndarray) -> bytes:
@@ -42,12 +36,12 @@ def digit_sets(digits_clip, tmp_path_factory):
     """Held-out digits as an ImageFolder (with one corrupt file), and train/test folders for the probe."""
     model, images, labels, test_idx = digits_clip
     root = tmp_path_factory.mktemp("digits")
-    test_pix, test_lab = _pixels(images[test_idx]), labels[test_idx].numpy()
+    test_pix, test_lab = digit_pixels(images[test_idx]), labels[test_idx].numpy()
     _write_folder(root / "val", test_pix, test_lab)
     (root / "val" / "seven" / "zz_corrupt.png").write_bytes(b"\x89PNG but not really")
     # probe: 400 training-split images to train on, the held-out ones to test on
     train_idx = torch.tensor([i for i in range(len(labels)) if i not in set(test_idx.tolist())])[:400]
-    _write_folder(root / "probe_train", _pixels(images[train_idx]), labels[train_idx].numpy())
+    _write_folder(root / "probe_train", digit_pixels(images[train_idx]), labels[train_idx].numpy())
     return model, root, test_pix, test_lab
 
 
