@@ -24,6 +24,7 @@ import time
 
 import pytest
 import torch
+from common import shim_torchvision
 
 CPU_N = [int(os.environ["CLIPFORGE_BENCH_N"])] if "CLIPFORGE_BENCH_N" in os.environ else [4096, 8192, 16384, 32768]
 CPU_BASELINE_MAX_N = 16384
@@ -34,14 +35,6 @@ def _has_open_clip() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("open_clip") is not None
-
-
-def _torchvision_shim() -> None:
-    # open_clip imports torchvision, whose PyPI wheel expects a CUDA torch; the same two-line shim as
-    # tests/conftest.py (the op registrations it skips are not used by ClipLoss)
-    import types
-
-    sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
 
 
 # Run in a fresh process: builds the features, warms up on 8 pairs, then resets the kernel's peak-RSS
@@ -86,7 +79,7 @@ def _loss_fn(provider: str):
     import clipforge
 
     if provider == "openclip":
-        _torchvision_shim()
+        shim_torchvision()
         import open_clip
 
         return open_clip.loss.ClipLoss()

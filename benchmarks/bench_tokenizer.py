@@ -12,11 +12,10 @@ steady state of a training run. extra_info holds captions/s.
 from __future__ import annotations
 
 import random
-import sys
 import time
-import types
 
 import pytest
+from common import shim_torchvision
 
 N_CAPTIONS = 20_000
 CONTEXT_LENGTH = 77
@@ -55,9 +54,7 @@ def make_corpus(n: int = N_CAPTIONS, seed: int = 0) -> list[str]:
 
 
 def _openclip_tokenizer():
-    # open_clip imports torchvision, whose PyPI wheel needs a CUDA torch; skip its meta registrations as
-    # tests/conftest.py does.
-    sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+    shim_torchvision()
     open_clip = pytest.importorskip("open_clip")
     return open_clip.tokenizer.SimpleTokenizer
 

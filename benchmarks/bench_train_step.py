@@ -27,11 +27,10 @@ from __future__ import annotations
 import json
 import math
 import re
-import sys
-import types
 
 import pytest
 import torch
+from common import shim_torchvision
 
 CPU_CASES = [  # (preset, contrastive batch, clipforge micro-batch)
     ("small-vit", 64, 64),
@@ -97,12 +96,6 @@ def _clipforge_step(preset: str, batch: int, micro: int, precision: str, images,
     return step
 
 
-def _shim_torchvision() -> None:
-    # open_clip imports torchvision, whose PyPI wheel needs a CUDA torch for one module (as tests/conftest.py
-    # does); DeepSpeed may import torchvision first, so this runs before either is imported
-    sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
-
-
 def _openclip_model(preset: str):
     from open_clip.model import CLIP as OpenCLIPModel
 
@@ -143,12 +136,12 @@ def _openclip_step(preset: str, precision: str, images, tokens):
 
 
 def _make_step(provider, preset, batch, micro, precision, device):
+    shim_torchvision()  # before DeepSpeed or open_clip import torchvision
     pytest.importorskip("deepspeed")
     if provider == "openclip":
         pytest.importorskip("open_clip")
     from clipforge.config import get_preset
 
-    _shim_torchvision()
     images, tokens = _inputs(get_preset(preset), batch, device)
     if provider == "clipforge":
         return _clipforge_step(preset, batch, micro, precision, images, tokens)
