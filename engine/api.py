@@ -29,6 +29,7 @@ import csv
 import hashlib
 import json
 import os
+import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -340,10 +341,19 @@ def embed_images(model, images, batch_size: int = 64, *, device=None, amp: bool 
         raise ValueError("embed_images got no images; pass at least one")
     emb = np.concatenate(out) if out else np.zeros((0, model.config.embed_dim), np.float32)
     if skipped and not return_skipped:
-        shown = "; ".join(r for _, r in skipped[:3])
-        warnings.warn(f"skipped {len(skipped)} unreadable image(s), not in the result: {shown}"
-                      + (" ..." if len(skipped) > 3 else ""), RuntimeWarning, stacklevel=2)
+        _warn_skipped(skipped)
     return (emb, skipped) if return_skipped else emb
+
+
+def _warn_skipped(skipped: list) -> None:
+    """The warning of embed_images / classify (on_error="skip") for images left out of their result,
+    reported at the first caller outside clipforge (however many of its functions and methods lie between)."""
+    here, frame, level = os.path.dirname(os.path.abspath(__file__)), sys._getframe(0), 1
+    while frame.f_back is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == here:
+        frame, level = frame.f_back, level + 1
+    shown = "; ".join(r for _, r in skipped[:3])
+    warnings.warn(f"skipped {len(skipped)} unreadable image(s), not in the result: {shown}"
+                  + (" ..." if len(skipped) > 3 else ""), RuntimeWarning, stacklevel=level)
 
 
 def embed_texts(model, texts, batch_size: int = 256, *, device=None, amp: bool = True,
@@ -403,8 +413,7 @@ def classify(model, images, classifier: np.ndarray, batch_size: int = 64, *, dev
                                 on_error=on_error, return_skipped=True, workers=None)
     probs = probabilities(emb, classifier, logit_scale(model))
     if skipped and not return_skipped:
-        warnings.warn(f"skipped {len(skipped)} unreadable image(s), not in the result: {skipped[0][1]}",
-                      RuntimeWarning, stacklevel=2)
+        _warn_skipped(skipped)
     return (probs, skipped) if return_skipped else probs
 
 

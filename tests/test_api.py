@@ -109,12 +109,17 @@ def test_bad_inputs(tiny, tmp_path):
     with pytest.raises(ImageReadError, match="unsupported image type"):
         tiny.embed_images([{"not": "an image"}])
     # skipped and reported
-    with pytest.warns(RuntimeWarning, match="skipped 2 unreadable"):
+    with pytest.warns(RuntimeWarning, match="skipped 2 unreadable") as caught:
         emb = tiny.embed_images([good, missing, good, str(tmp_path / "junk.jpg")], batch_size=3, on_error="skip")
+    assert caught[0].filename == __file__  # reported at the caller's line, not inside clipforge
     assert emb.shape[0] == 2
     emb2, skipped = tiny.embed_images([good, missing, good], on_error="skip", return_skipped=True)
     assert [i for i, _ in skipped] == [1] and "nope.jpg" in skipped[0][1]
     np.testing.assert_allclose(emb2, tiny.embed_images([good, good]), atol=1e-6)
+    clf = tiny.zero_shot_classifier(["cat", "dog"], ["{}"])
+    with pytest.warns(RuntimeWarning, match="skipped 1 unreadable.*nope.jpg") as caught:
+        probs = tiny.classify([good, missing], clf, on_error="skip")
+    assert probs.shape == (1, 2) and caught[0].filename == __file__  # reported at the caller's line
 
 
 def test_zero_shot_classifier_is_the_prompt_ensemble(tiny):
