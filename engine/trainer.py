@@ -414,6 +414,8 @@ class Trainer:
 
     def _plain_step(self, images, tokens) -> float | None:
         img, txt, scale = self.forward(images, tokens)
+        # fp32 features: on a GPU the Triton loss then uses exact fp32 dots, not bf16 tensor cores
+        # (docs/BENCHMARKS.md, Contrastive loss: a choice to revisit with GPU figures)
         loss = self.contrastive_loss(img.float(), txt.float(), scale.float())
         if not self._all_finite(loss.detach()):
             return None
