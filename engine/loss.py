@@ -1,10 +1,15 @@
-"""CLIP's contrastive loss over the global batch, in O(N d) memory (DESIGN.md, "Loss").
+"""CLIP's contrastive loss over the global batch, in O(N d) memory.
 
 `contrastive_loss(image_features, text_features, logit_scale, group=...)` has the arguments and the
 value of OpenCLIP's `ClipLoss` (scale already exponentiated). Backends (engine/ops.py picks "auto"):
-- "triton": fused kernels (clipforge.kernels.contrastive), CUDA, or CPU under TRITON_INTERPRET=1;
-- "cpp":    clipforge._C, chunked GEMMs through ATen on CPU (float32/float64; half inputs are upcast);
-- "torch":  the reference (engine/reference.py), which materialises the N x N logits.
+- "triton":  fp16 / bf16 features on CUDA sm80+ (or CPU under TRITON_INTERPRET=1): fused Triton tiles
+             for the forward statistics and the backward's probabilities (clipforge.kernels.contrastive)
+             around two cuBLAS GEMMs per row chunk: four GEMM-equivalents in all, at any d;
+- "chunked": the same row-chunked algorithm in PyTorch GEMMs on any device (V100, fp32 and float64
+             features on a GPU; fp16 operands with fp32 results on the tensor cores);
+- "cpp":     clipforge._C, chunked GEMMs through ATen on CPU (float32/float64; half inputs are upcast);
+- "torch":   the reference (engine/reference.py), which materialises the N x N logits.
+Memory: O(N d) plus a work buffer of WORK_BYTES (one row chunk of the logits' probabilities; see there).
 
 With a process group of W ranks, each holding n pairs (N = W n), the loss is the single-process loss
 over the concatenated batch: the text features are all-gathered, each rank computes its own n rows of
@@ -32,7 +37,7 @@ from torch.autograd.function import once_differentiable
 
 from . import ops, reference
 
-__all__ = ["ContrastiveLoss", "contrastive_loss"]
+__all__ = ["ContrastiveLoss", "contrastive_loss", "contrastive_loss_and_grads"]
 
 
 def _world(group) -> tuple[int, int]:
@@ -67,18 +72,148 @@ def _reduce_scatter_rows(x: torch.Tensor, group, world: int, rank: int) -> torch
     return out
 
 
+# The work buffer: one row chunk of the backward's P (and the chunked backend's fp32 logits) stays within
+# WORK_BYTES (4096 rows x 32768 columns in bf16), except that a chunk never has fewer than MIN_ROWS rows
+# (with several chunks each adds an (m, d) fp32 product into the text gradient: MIN_ROWS amortises that
+# traffic, ~250 / rows of the GEMM time on an H200, so P may pass WORK_BYTES beyond ~128k gathered
+# columns). The (m, d) fp32 product itself is O(N d), the size of the text gradient the loss returns.
+WORK_BYTES = 256 * 2**20
+MIN_ROWS = 1024
+_ROW_ALIGN = 128  # the Triton tiles' BLOCK_M: chunks of whole row blocks
+
+
+def _rows_per_chunk(n: int, m: int, bytes_per_row: int, chunk_size: int | None) -> int:
+    """Image rows per chunk of the n x m logits: `chunk_size` if given, else all n rows when their
+    buffers (bytes_per_row each) fit WORK_BYTES, else the most whole row blocks that do, at least MIN_ROWS."""
+    if chunk_size:
+        return chunk_size
+    if n * bytes_per_row <= WORK_BYTES:
+        return max(n, 1)
+    return max(MIN_ROWS, WORK_BYTES // bytes_per_row // _ROW_ALIGN * _ROW_ALIGN)
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b with fp32 accumulation AND an fp32 result for fp16 / bf16 operands (float64 for float64).
+    On CUDA (and meta) that is one cuBLAS GEMM (`torch.mm(..., out_dtype=torch.float32)`, tensor cores);
+    the CPU has no such kernel, so there the half operands are converted first: exact products, fp32
+    sums, the same numbers (only CPU tests and interpreter runs take that path)."""
+    acc = _accumulation_dtype(a.dtype)
+    if a.dtype == acc:
+        return torch.mm(a, b, out=out)
+    if a.device.type in ("cuda", "meta"):
+        return torch.mm(a, b, out_dtype=acc, out=out) if out is not None else torch.mm(a, b, out_dtype=acc)
+    return torch.mm(a.to(acc), b.to(acc), out=out)
+
+
+def _split(x: torch.Tensor):
+    """float64 -> (hi, lo) float32 with hi + lo ~ x: (l - hi) - lo keeps float64's precision where l ~ hi."""
+    hi = x.float()
+    return hi, (x - hi.double()).float()
+
+
+def _chunked_forward_stats(image, text, scale: float, rows: int):
+    """(row_lse, col_max, col_sum), float64, of logits = scale * image @ text^T, `rows` image rows at a
+    time: one GEMM per chunk (fp32 logits from fp16 / bf16 operands), fp32 statistics merged in float64."""
+    n, m = image.shape[0], text.shape[0]
+    f64 = dict(device=image.device, dtype=torch.float64)
+    row_lse = torch.empty(n, **f64)
+    col_max = torch.full((m,), float("-inf"), **f64)
+    col_sum = torch.zeros(m, **f64)
+    for r0 in range(0, n, rows):
+        logits = _mm(image[r0:r0 + rows], text.t()).mul_(scale)  # (r, m)
+        r_max = logits.amax(1, keepdim=True)
+        r_sum = (logits - r_max).exp_().sum(1)  # the second and last (r, m) buffer
+        row_lse[r0:r0 + rows] = r_max.squeeze(1).double() + torch.log(r_sum.double())
+        c_max = logits.amax(0)
+        c_sum = logits.sub_(c_max).exp_().sum(0).double()
+        c_max = c_max.double()
+        new_max = torch.maximum(col_max, c_max)
+        col_sum = col_sum * torch.exp(col_max - new_max) + c_sum * torch.exp(c_max - new_max)
+        col_max = new_max
+    return row_lse, col_max, col_sum
+
+
+def _chunked_probabilities(image, text, scale: float, row_hi, row_lo, col_hi, col_lo, diag_offset: int, out):
+    """The PyTorch twin of kernels.contrastive.contrastive_probabilities (same arguments and result)."""
+    logits = _mm(image, text.t()).mul_(scale)  # (r, m)
+    row_part = logits.sub(row_hi[:, None]).sub_(row_lo[:, None]).exp_()
+    p = logits.sub_(col_hi.to(logits.dtype)).sub_(col_lo.to(logits.dtype)).exp_().add_(row_part)
+    del row_part
+    i = torch.arange(p.shape[0], device=p.device)
+    keep = i + diag_offset < p.shape[1]
+    p[i[keep], i[keep] + diag_offset] -= 2.0
+    return out.copy_(p)
+
+
+def _chunked_backward(image, text, scale: float, row_lse, col_lse, row_offset: int, coef: float, rows: int,
+                      probabilities):
+    """(d_image, d_text, d_scale) of coef * [sum P - 2 sum_i l_{i, row_offset+i}] (module docstring of
+    kernels/contrastive.py), `rows` image rows at a time: `probabilities` writes the chunk's P - 2 delta
+    (G / coef) in the features' dtype (the recompute: GEMM-equivalent 2), then two GEMMs with fp32
+    results, G T for the chunk (3) and G^T I added into the text gradient (4). d_text is this image
+    block's contribution only (partial across ranks)."""
+    n, d = image.shape
+    m = text.shape[0]
+    acc = _accumulation_dtype(image.dtype)
+    gt = torch.empty(n, d, device=image.device, dtype=acc)   # G T  (n, d)
+    gti = torch.empty(m, d, device=image.device, dtype=acc)  # G^T I (m, d)
+    if n and m:
+        row_hi, row_lo = _split(row_lse)
+        col_hi, col_lo = _split(col_lse)
+        if image.dtype == torch.float64:  # float64 features: keep the statistics whole
+            row_hi, row_lo, col_hi, col_lo = row_lse, torch.zeros_like(row_lse), col_lse, torch.zeros_like(col_lse)
+        buf = torch.empty(min(rows, n), m, device=image.device, dtype=image.dtype)
+        several_half = n > rows and image.dtype != acc
+        part = torch.empty(m, d, device=image.device, dtype=acc) if several_half else None
+        for r0 in range(0, n, rows):
+            chunk = image[r0:r0 + rows]
+            r = chunk.shape[0]
+            p = probabilities(chunk, text, scale, row_hi[r0:r0 + r], row_lo[r0:r0 + r], col_hi, col_lo,
+                              row_offset + r0, buf[:r])
+            _mm(p, text, out=gt[r0:r0 + r])         # G T rows of this chunk
+            if r0 == 0:
+                _mm(p.t(), chunk, out=gti)          # G^T I: the first chunk writes it
+            elif part is None:
+                gti.addmm_(p.t(), chunk)            # fp32 / float64 operands: accumulate in the GEMM
+            else:  # half operands: addmm's out_dtype form wants its summand in the operands' dtype (some
+                gti.add_(_mm(p.t(), chunk, out=part))  # torch versions), so an fp32 product, then a sum
+    else:
+        gt.zero_()
+        gti.zero_()
+    gt.mul_(coef)
+    gti.mul_(coef)
+    d_scale = _dot_rows(image, gt)           # sum_ij G_ij <I_i, T_j> = <I, G T>
+    return gt.mul_(scale), gti.mul_(scale), d_scale
+
+
+def _dot_rows(a: torch.Tensor, b: torch.Tensor, rows: int = 4096) -> torch.Tensor:
+    """sum_ij a_ij b_ij in float64, in row chunks: half operands are multiplied in fp32 (never in their own
+    precision) and no full converted copy of either is made."""
+    dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+    total = torch.zeros((), dtype=torch.float64, device=a.device)
+    for r0 in range(0, a.shape[0], rows):
+        total += torch.dot(a[r0:r0 + rows].to(dtype).flatten(), b[r0:r0 + rows].to(dtype).flatten()).double()
+    return total
+
+
 class _Impl:
-    """Forward statistics / backward of one backend, with clipforge._C's calling convention."""
+    """Forward statistics / backward of one backend, with clipforge._C's calling convention:
+    "cpp" (clipforge._C), "triton" (kernels.contrastive's fused tiles + cuBLAS GEMMs) and "chunked"
+    (PyTorch GEMMs on any device) share the row-chunked backward above; cpp has its own in C++."""
 
     def __init__(self, backend: str, chunk_size: int | None):
         self.backend = backend
-        self.chunk = int(chunk_size or 0)
+        self.chunk = chunk_size
         if backend == "cpp":
             self.ext = ops.cpp_extension()
             if self.ext is None:
                 raise RuntimeError("the 'cpp' contrastive backend needs clipforge._C; build it with "
-                                   "`pip install --no-build-isolation -e .` or use backend='torch'")
-        else:
+                                   "`pip install --no-build-isolation -e .` or use backend='chunked'")
+        elif backend == "triton":
             from .kernels import contrastive as kernel
 
             self.kernel = kernel
@@ -88,27 +223,75 @@ class _Impl:
             return dtype if dtype in (torch.float32, torch.float64) else torch.float32
         return dtype
 
+    def _rows(self, image, text) -> int:
+        n, m = image.shape[0], text.shape[0]
+        size = image.element_size()
+        # triton: the P chunk only; chunked: P plus two fp32 (float64) (r, m) temporaries
+        per_row = m * size if self.backend == "triton" else m * (size + 2 * _accumulation_dtype(image.dtype).itemsize)
+        return _rows_per_chunk(n, m, per_row, self.chunk)
+
     def forward(self, image, text, scale: float):
         if self.backend == "cpp":
-            return self.ext.contrastive_forward(image, text, scale, self.chunk)
-        return self.kernel.contrastive_forward_stats(image, text, scale)
+            return self.ext.contrastive_forward(image, text, scale, int(self.chunk or 0))
+        if self.backend == "triton":
+            return self.kernel.contrastive_forward_stats(image, text, scale)
+        return _chunked_forward_stats(image, text, scale, self._rows(image, text))
 
     def backward(self, image, text, scale: float, row_lse, col_lse, row_offset: int, coef: float):
         if self.backend == "cpp":
-            return self.ext.contrastive_backward(image, text, scale, row_lse, col_lse, row_offset, coef, self.chunk)
-        return self.kernel.contrastive_backward_grads(image, text, scale, row_lse, col_lse, row_offset, coef)
+            return self.ext.contrastive_backward(image, text, scale, row_lse, col_lse, row_offset, coef,
+                                                 int(self.chunk or 0))
+        probabilities = self.kernel.contrastive_probabilities if self.backend == "triton" else _chunked_probabilities
+        return _chunked_backward(image, text, scale, row_lse, col_lse, row_offset, coef, self._rows(image, text),
+                                 probabilities)
 
 
-def _diagonal_sum(image: torch.Tensor, text: torch.Tensor, rows: int = 4096) -> torch.Tensor:
-    """sum_i <I_i, T_i> in float64, in row chunks: half features are summed in fp32 products (never in
-    their own precision) and no (n, d) float copy is made at once."""
-    total = torch.zeros((), dtype=torch.float64, device=image.device)
-    for r0 in range(0, image.shape[0], rows):
-        a, b = image[r0:r0 + rows], text[r0:r0 + rows]
-        if a.dtype in (torch.float16, torch.bfloat16):
-            a, b = a.float(), b.float()
-        total += torch.dot(a.flatten(), b.flatten()).double()
-    return total
+def _global_forward(image, text, s: float, impl: _Impl, group):
+    """The loss over the global batch from this rank's features (already in the compute dtype):
+    (loss (0-d, float64), gathered text, row_lse, col_lse), the last three what the backward needs."""
+    world, rank = _world(group)
+    n = image.shape[0]
+    if world > 1:
+        _check_equal_batches(n, image.device, group, world)
+        text_all = _all_gather_rows(text, group, world)  # (N, d)
+    else:
+        text_all = text
+    row_lse, col_max, col_sum = impl.forward(image, text_all, s)
+    # loss = (sum_i r_i + sum_j c_j - 2 sum_i l_ii) / 2N: this rank's rows carry sum r_i - 2 l_ii
+    row_part = (row_lse.double().sum() - 2.0 * s * _dot_rows(image, text)).to(col_sum.dtype)
+    if world > 1:
+        local_max = col_max.clone()
+        dist.all_reduce(col_max, op=dist.ReduceOp.MAX, group=group)
+        col_sum = col_sum * torch.exp(local_max - col_max)
+        packed = torch.cat([col_sum, row_part.reshape(1)])  # one all-reduce for both sums
+        dist.all_reduce(packed, group=group)
+        col_sum, row_part = packed[:-1], packed[-1]
+    col_lse = col_max + torch.log(col_sum)
+    loss = (row_part + col_lse.sum()) / (2 * n * world)
+    return loss, text_all, row_lse, col_lse
+
+
+def _global_backward(image, text_all, row_lse, col_lse, s: float, impl: _Impl, group, grad_loss: float):
+    """(d_image, d_text, d_scale) in the accumulation dtype (fp32; float64 for float64), with the
+    data-parallel convention of the module docstring."""
+    world, rank = _world(group)
+    n = image.shape[0]
+    coef = grad_loss / (2 * n * world)
+    d_image, d_text_all, d_scale = impl.backward(image, text_all, s, row_lse, col_lse, rank * n, coef)
+    if world > 1:
+        d_text = _reduce_scatter_rows(d_text_all, group, world, rank)
+        d_scale = d_scale.reshape(1).clone()
+        dist.all_reduce(d_scale, group=group)
+        # data-parallel averaging convention (module docstring): features get W x their gradient
+        d_image.mul_(world)  # both are fresh tensors of this backward: scale in place, no copy
+        d_text.mul_(world)
+    else:
+        d_text = d_text_all
+    return d_image, d_text, d_scale.reshape(())
+
+
+def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class _ChunkedContrastiveFunction(torch.autograd.Function):
@@ -116,54 +299,25 @@ class _ChunkedContrastiveFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, image, text, scale, impl: _Impl, group):
-        world, rank = _world(group)
-        n = image.shape[0]
         in_dtypes = (image.dtype, text.dtype)
         cdtype = impl.compute_dtype(image.dtype)
         image = image.detach().to(cdtype).contiguous()
         text = text.detach().to(cdtype).contiguous()
-        if world > 1:
-            _check_equal_batches(n, image.device, group, world)
-            text_all = _all_gather_rows(text, group, world)  # (N, d)
-        else:
-            text_all = text
         s = float(scale)
-        total = n * world
-        row_lse, col_max, col_sum = impl.forward(image, text_all, s)
-        # loss = (sum_i r_i + sum_j c_j - 2 sum_i l_ii) / 2N: this rank's rows carry sum r_i - 2 l_ii
-        row_part = (row_lse.double().sum() - 2.0 * s * _diagonal_sum(image, text)).to(col_sum.dtype)
-        if world > 1:
-            local_max = col_max.clone()
-            dist.all_reduce(col_max, op=dist.ReduceOp.MAX, group=group)
-            col_sum = col_sum * torch.exp(local_max - col_max)
-            packed = torch.cat([col_sum, row_part.reshape(1)])  # one all-reduce for both sums
-            dist.all_reduce(packed, group=group)
-            col_sum, row_part = packed[:-1], packed[-1]
-        col_lse = col_max + torch.log(col_sum)
-        loss = (row_part + col_lse.sum()) / (2 * total)
+        loss, text_all, row_lse, col_lse = _global_forward(image, text, s, impl, group)
         ctx.save_for_backward(image, text_all, row_lse, col_lse)
-        ctx.meta = (impl, group, world, rank, s, total, in_dtypes,
+        ctx.meta = (impl, group, s, in_dtypes,
                     scale.shape if isinstance(scale, torch.Tensor) else None,
                     scale.dtype if isinstance(scale, torch.Tensor) else None)
-        return loss.to(torch.float64 if image.dtype == torch.float64 else torch.float32)
+        return loss.to(_loss_dtype(image.dtype))
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss):
         image, text_all, row_lse, col_lse = ctx.saved_tensors
-        impl, group, world, rank, s, total, in_dtypes, scale_shape, scale_dtype = ctx.meta
-        n = image.shape[0]
-        coef = float(grad_loss) / (2 * total)
-        d_image, d_text_all, d_scale = impl.backward(image, text_all, s, row_lse, col_lse, rank * n, coef)
-        if world > 1:
-            d_text = _reduce_scatter_rows(d_text_all, group, world, rank)
-            d_scale = d_scale.reshape(1).clone()
-            dist.all_reduce(d_scale, group=group)
-            # data-parallel averaging convention (module docstring): features get W x their gradient
-            d_image.mul_(world)  # both are fresh tensors of this backward: scale in place, no copy
-            d_text.mul_(world)
-        else:
-            d_text = d_text_all
+        impl, group, s, in_dtypes, scale_shape, scale_dtype = ctx.meta
+        d_image, d_text, d_scale = _global_backward(image, text_all, row_lse, col_lse, s, impl, group,
+                                                    float(grad_loss))
         d_scale = d_scale.reshape(scale_shape).to(scale_dtype) if scale_shape is not None else None
         return d_image.to(in_dtypes[0]), d_text.to(in_dtypes[1]), d_scale, None, None
 
@@ -181,20 +335,8 @@ def _torch_loss(image, text, scale, group):
     return reference.contrastive_loss(image, text, scale)
 
 
-def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, *,
-                     group=None, backend: str = "auto", chunk_size: int | None = None) -> torch.Tensor:
-    """CLIP's symmetric InfoNCE: the value of OpenCLIP's ClipLoss, never an N x N buffer (cpp, triton).
-
-    image_features, text_features: (n, d), this rank's pairs (row i of each is a positive pair).
-    logit_scale: the exponentiated scale s (a 0-d tensor, which may require grad, or a float).
-    group: a torch.distributed process group; the loss is then taken over the W ranks' concatenated
-      batch (N = W n, the same n on every rank, else ValueError), and the gradients follow the
-      data-parallel averaging convention of the module docstring: features get W x the gradient of the
-      global loss, logit_scale the full gradient, so averaging over ranks gives the exact gradient.
-    backend: "auto" (engine/ops.py: triton on CUDA, cpp on CPU), "triton", "cpp" or "torch".
-    chunk_size: image rows per chunk of logits for the cpp backend (None: ~16 MiB chunks).
-    Returns a 0-d loss tensor (float32; float64 for float64 features on cpp/torch).
-    """
+def _backend(image_features, text_features, backend: str, chunk_size) -> str:
+    """Check the arguments of a loss call and resolve its backend."""
     if image_features.dim() != 2 or image_features.shape != text_features.shape:
         raise ValueError(f"image and text features must both be (batch, dim) with the same shape, got "
                          f"{tuple(image_features.shape)} and {tuple(text_features.shape)}")
@@ -202,11 +344,59 @@ def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, 
         raise ValueError("the contrastive loss needs at least one (image, text) pair, got an empty batch")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of rows (or None), got {chunk_size}")
-    name = ops.select_contrastive_backend(image_features.device, backend)
+    name = ops.select_contrastive_backend(image_features.device, backend, dtype=image_features.dtype)
+    return name
+
+
+def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, *,
+                     group=None, backend: str = "auto", chunk_size: int | None = None) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE: the value of OpenCLIP's ClipLoss, never an N x N buffer (but "torch").
+
+    image_features, text_features: (n, d), this rank's pairs (row i of each is a positive pair).
+    logit_scale: the exponentiated scale s (a 0-d tensor, which may require grad, or a float).
+    group: a torch.distributed process group; the loss is then taken over the W ranks' concatenated
+      batch (N = W n, the same n on every rank, else ValueError), and the gradients follow the
+      data-parallel averaging convention of the module docstring: features get W x the gradient of the
+      global loss, logit_scale the full gradient, so averaging over ranks gives the exact gradient.
+    backend: "auto" (engine/ops.py's table: triton for fp16 / bf16 on CUDA sm80+, chunked for other
+      CUDA cases, cpp on CPU), "triton", "chunked", "cpp" or "torch".
+    chunk_size: image rows per chunk of logits (None: cpp ~16 MiB chunks; triton / chunked as many rows
+      as keep the work buffer within WORK_BYTES = 256 MiB).
+    Returns a 0-d loss tensor (float32; float64 for float64 features on cpp / chunked / torch).
+    """
+    name = _backend(image_features, text_features, backend, chunk_size)
     if name == "torch":
         return _torch_loss(image_features, text_features, logit_scale, group)
     return _ChunkedContrastiveFunction.apply(image_features, text_features, logit_scale,
                                              _Impl(name, chunk_size), group)
+
+
+def contrastive_loss_and_grads(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, *,
+                               group=None, backend: str = "auto", chunk_size: int | None = None):
+    """The loss and its gradients in one call, without autograd: (loss, d_image, d_text, d_scale).
+
+    Arguments, value and gradient convention as `contrastive_loss` (W x the global gradient for this
+    rank's features, the full one for the scale), but the feature gradients come back in the
+    accumulation dtype (fp32 for fp16 / bf16 features; float64 for float64) instead of the features'
+    own: gradient caching stores them, and in fp16 each, ~ s / 2N of an O(1) value (1e-5 at N = 32k),
+    would sit in the subnormals. d_scale: a 0-d tensor (the gradient w.r.t. the exponentiated scale).
+    """
+    name = _backend(image_features, text_features, backend, chunk_size)
+    if name == "torch":
+        leaves = [x.detach().requires_grad_(True) for x in (image_features, text_features)]
+        s = torch.as_tensor(logit_scale, dtype=torch.float32, device=image_features.device).detach().requires_grad_(True)
+        loss = _torch_loss(*leaves, s, group)
+        grads = torch.autograd.grad(loss, (*leaves, s))
+        acc = _accumulation_dtype(image_features.dtype)
+        return loss.detach(), grads[0].to(acc), grads[1].to(acc), grads[2].reshape(())
+    impl = _Impl(name, chunk_size)
+    cdtype = impl.compute_dtype(image_features.dtype)
+    image = image_features.detach().to(cdtype).contiguous()
+    text = text_features.detach().to(cdtype).contiguous()
+    s = float(logit_scale)
+    loss, text_all, row_lse, col_lse = _global_forward(image, text, s, impl, group)
+    d_image, d_text, d_scale = _global_backward(image, text_all, row_lse, col_lse, s, impl, group, 1.0)
+    return loss.to(_loss_dtype(image.dtype)), d_image, d_text, d_scale.to(torch.float32)
 
 
 class ContrastiveLoss(nn.Module):

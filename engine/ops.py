@@ -1,12 +1,24 @@
 """The ops switch: the one place that chooses an implementation for each hot op.
 
-| op                 | CUDA sm80+ (A100, H100) | CUDA sm70 (V100)                     | CPU                         |
-|--------------------|-------------------------|--------------------------------------|-----------------------------|
-| attention          | triton                  | xformers if installed, else sdpa     | sdpa                        |
-| contrastive_loss   | triton                  | triton (fp16)                        | cpp (clipforge._C), else torch |
+| op                | CUDA sm80+ (A100, H100)                   | CUDA sm70 / sm75 (V100, T4)       | CPU                 |
+|-------------------|-------------------------------------------|-----------------------------------|---------------------|
+| attention         | triton (fp16/bf16, head_dim <= 128),      | xformers if installed, else sdpa  | sdpa                |
+|                   | else sdpa                                 |                                   |                     |
+| contrastive_loss  | triton (fp16/bf16 features),              | chunked                           | cpp (clipforge._C), |
+|                   | else chunked (fp32, float64)              |                                   | else chunked        |
 
-V100 goes to xformers / SDPA for attention because current Triton's `tl.dot` has no tensor-core path
-on sm70 (and sm70 has no bf16), so a Triton FlashAttention there is slower than the vendor kernels.
+- Triton on sm80+ only: current Triton's `tl.dot` has no tensor-core path on sm70 (and sm70 has no
+  bf16), and nothing below sm80 is compile-gated (benchmarks/compile_gate.py), so there attention goes
+  to the vendor kernels (xformers / SDPA) and the loss to "chunked": the same row-chunked algorithm as
+  the fused loss in PyTorch GEMMs (cuBLAS fp16 tensor cores with fp32 results on V100). A forced
+  "triton" on such a device is refused with one sentence.
+- fp32 features never run exact-fp32 dots on Triton by default: the loss sends them to "chunked"
+  (cuBLAS fp32 GEMMs, TF32 when the user enables it with torch.backends.cuda.matmul), attention to
+  SDPA. Forced, the Triton loss runs 3xTF32 dots; forced fp32 attention runs exact dots with tiles
+  that fit sm80's shared memory (benchmarks/compile_gate.py checks both). float64 never goes to
+  Triton (refused when forced; "chunked" / "cpp" / "torch" take it).
+- The training loop hands the loss its features in the model's precision (bf16 / fp16 under
+  precision.dtype bf16 / fp16), so a GPU run takes the Triton row of the table.
 
 `backend="auto"` picks by the table. A caller (e.g. the model config) may force a backend, and so may
 the environment variable ``CLIPFORGE_BACKEND_<OP>`` (``CLIPFORGE_BACKEND_ATTENTION=sdpa``); an explicit
@@ -25,7 +37,8 @@ import torch.nn.functional as F
 from . import reference
 
 ATTENTION_BACKENDS = ("auto", "triton", "sdpa", "xformers", "torch")
-CONTRASTIVE_BACKENDS = ("auto", "triton", "cpp", "torch")
+CONTRASTIVE_BACKENDS = ("auto", "triton", "chunked", "cpp", "torch")
+TRITON_MIN_CAPABILITY = (8, 0)  # tensor cores in current Triton; bf16
 
 
 def _env_backend(op: str) -> str | None:
@@ -52,38 +65,62 @@ def _has_module(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
+def _refuse_old_gpu(op: str, cap, other: str) -> None:
+    if cap is not None and cap < TRITON_MIN_CAPABILITY:
+        raise ValueError(f"the Triton {op} needs a GPU of compute capability 8.0 or newer, this one is "
+                         f"sm{cap[0]}{cap[1]} (current Triton has no tensor-core path on V100 (sm70), and no target "
+                         f"older than sm80 is compile-gated); use backend={other!r}, which serves it there")
+
+
 def select_attention_backend(
     device: torch.device, backend: str = "auto", *, dtype: torch.dtype | None = None, head_dim: int | None = None
 ) -> str:
     """Resolve the attention backend for tensors on `device` (see the table above).
 
     On sm80+, "auto" picks Triton for the inputs it is fast on (fp16 / bf16, head_dim <= 128, when
-    `dtype` / `head_dim` are given) and SDPA otherwise: fp32 would run exact-fp32 dots without tensor cores.
+    `dtype` / `head_dim` are given) and SDPA otherwise: fp32 would run exact-fp32 dots without tensor
+    cores. A forced "triton" is refused on sm70 / sm75 and for float64.
     """
     backend = _check("attention", backend.lower(), ATTENTION_BACKENDS)
     if backend == "auto":
         backend = _check("attention", _env_backend("attention") or "auto", ATTENTION_BACKENDS)
+    cap = _cuda_capability(device)
+    if backend == "triton":
+        _refuse_old_gpu("attention", cap, "xformers" if _has_module("xformers") else "sdpa")
+        if dtype == torch.float64:
+            raise ValueError("the Triton attention takes fp16 / bf16 / fp32 inputs, not float64; use backend='sdpa'")
     if backend != "auto":
         return backend
-    cap = _cuda_capability(device)
     if cap is None:
         return "sdpa"
-    if cap >= (8, 0):
+    if cap >= TRITON_MIN_CAPABILITY:
         fits = dtype in (None, torch.float16, torch.bfloat16) and (head_dim is None or head_dim <= 128)
         return "triton" if fits else "sdpa"
     return "xformers" if _has_module("xformers") else "sdpa"
 
 
-def select_contrastive_backend(device: torch.device, backend: str = "auto") -> str:
-    """Resolve the contrastive-loss backend for features on `device` (see the table above)."""
+def select_contrastive_backend(device: torch.device, backend: str = "auto", *, dtype: torch.dtype | None = None) -> str:
+    """Resolve the contrastive-loss backend for features of `dtype` on `device` (see the table above).
+
+    "auto": triton for fp16 / bf16 (or unknown) features on CUDA sm80+, chunked for any other CUDA case
+    (sm70 / sm75, fp32, float64), cpp on CPU (chunked when clipforge._C is not built). A forced "triton"
+    is refused for float64 features and on sm70 / sm75.
+    """
     backend = _check("contrastive_loss", backend.lower(), CONTRASTIVE_BACKENDS)
     if backend == "auto":
         backend = _check("contrastive_loss", _env_backend("contrastive_loss") or "auto", CONTRASTIVE_BACKENDS)
+    cap = _cuda_capability(device)
+    if backend == "triton":
+        _refuse_old_gpu("contrastive loss", cap, "chunked")
+        if dtype == torch.float64:
+            raise ValueError("the Triton contrastive loss never takes float64 features; use backend='chunked' "
+                             "(any device) or 'cpp' (CPU)")
     if backend != "auto":
         return backend
     if device.type == "cuda":
-        return "triton"
-    return "cpp" if cpp_extension() is not None else "torch"
+        half = dtype in (None, torch.float16, torch.bfloat16)
+        return "triton" if cap >= TRITON_MIN_CAPABILITY and half else "chunked"
+    return "cpp" if cpp_extension() is not None else "chunked"
 
 
 @functools.lru_cache(maxsize=None)
@@ -93,7 +130,8 @@ def cpp_extension():
         from . import _C  # type: ignore[attr-defined]
     except ImportError as exc:
         warnings.warn(
-            f"clipforge._C is not built ({exc}); falling back to the PyTorch reference. "
+            f"clipforge._C is not built ({exc}); the CPU contrastive loss falls back to the 'chunked' PyTorch "
+            "backend and retrieval to its PyTorch chunked top-k. "
             "Build it with `pip install --no-build-isolation -e .`.",
             RuntimeWarning,
             stacklevel=3,

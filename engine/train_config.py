@@ -19,6 +19,7 @@ from typing import Any
 
 from .config import ConfigError, dataclass_from_dict, yaml_loader as _yaml_loader
 from .config import load_yaml as _load_yaml
+from .ops import CONTRASTIVE_BACKENDS
 
 # betas / eps of the paper per model family (CLIP.md): ViTs use a lower beta2 and a larger eps.
 ADAM_DEFAULTS = {"vit": ((0.9, 0.98), 1e-6), "resnet": ((0.9, 0.999), 1e-8)}
@@ -88,7 +89,7 @@ class PrecisionSection:
 
 @dataclass
 class LossSection:
-    backend: str = "auto"  # see clipforge.ops: auto | triton | cpp | torch
+    backend: str = "auto"  # see clipforge.ops: auto | triton | chunked | cpp | torch
     chunk_size: int | None = None
 
 
@@ -181,7 +182,7 @@ class TrainConfig:
         _one_of("data.loader", self.data.loader, ("auto", "dali", "pytorch"))
         _one_of("deepspeed.offload_optimizer", self.deepspeed.offload_optimizer, ("none", "cpu"))
         _one_of("deepspeed.offload_param", self.deepspeed.offload_param, ("none", "cpu"))
-        _one_of("loss.backend", self.loss.backend, ("auto", "triton", "cpp", "torch"))
+        _one_of("loss.backend", self.loss.backend, CONTRASTIVE_BACKENDS)
         _positive("batch.global_size", self.batch.global_size)
         _positive("batch.micro_size", self.batch.micro_size)
         _positive("max_steps", self.max_steps)

@@ -19,6 +19,7 @@ __all__ = [
     "dot_precision",
     "is_interpreted",
     "kernel_flags",
+    "multiprocessor_count",
     "next_power_of_2",
 ]
 
@@ -38,13 +39,14 @@ def is_interpreted(kernel) -> bool:
     return isinstance(kernel, InterpretedFunction)
 
 
-def check_kernel_device(kernel, tensor: torch.Tensor, op: str) -> None:
-    """Raise one clear sentence when `kernel` cannot run on `tensor`'s device."""
+def check_kernel_device(kernel, tensor: torch.Tensor, op: str, other: str = "sdpa") -> None:
+    """Raise one clear sentence when `kernel` cannot run on `tensor`'s device (`other`: the backend that
+    serves the op there)."""
     if tensor.device.type == "cuda" or is_interpreted(kernel):
         return
     raise RuntimeError(
         f"the Triton {op} kernel needs CUDA tensors, got a tensor on {tensor.device}; for CPU testing set "
-        "TRITON_INTERPRET=1 before triton is first imported, or use the 'sdpa' backend"
+        f"TRITON_INTERPRET=1 before triton is first imported, or use the {other!r} backend"
     )
 
 
@@ -53,16 +55,25 @@ def cuda_capability(device: torch.device) -> tuple[int, int] | None:
     return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """`tl.dot` input precision: exact ("ieee") for fp32 operands, the default ("tf32", a no-op for
-    fp16/bf16 operands, which always use the tensor cores with an fp32 accumulator) otherwise."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+def multiprocessor_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (grid heuristics size their launches by it); 4 for any
+    other device, so that interpreter runs on CPU exercise the same multi-program split as a GPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
 
 
-def kernel_flags(kernel, dtype: torch.dtype) -> dict:
+def dot_precision(dtype: torch.dtype, fp32_precision: str = "ieee") -> str:
+    """`tl.dot` input precision: `fp32_precision` for fp32 operands ("ieee": exact FMA dots, no tensor
+    cores; "tf32x3": near-fp32 on the tensor cores), the default ("tf32", a no-op for fp16/bf16 operands,
+    which always use the tensor cores with an fp32 accumulator) otherwise."""
+    return fp32_precision if dtype == torch.float32 else "tf32"
+
+
+def kernel_flags(kernel, dtype: torch.dtype, fp32_precision: str = "ieee") -> dict:
     """The UPCAST / DOT_PRECISION constexprs of a launch. UPCAST: under the interpreter, which computes
     bf16 incorrectly, tiles are converted to fp32 right after tl.load."""
-    return {"UPCAST": is_interpreted(kernel), "DOT_PRECISION": dot_precision(dtype)}
+    return {"UPCAST": is_interpreted(kernel), "DOT_PRECISION": dot_precision(dtype, fp32_precision)}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -348,6 +348,8 @@ def test_switch_by_capability(monkeypatch):
         ((9, 0), False, torch.bfloat16, "triton"),
         ((8, 0), False, torch.float16, "triton"),
         ((8, 0), False, torch.float32, "sdpa"),  # no tensor cores for exact fp32 dots
+        ((9, 0), False, torch.float32, "sdpa"),
+        ((9, 0), False, torch.float64, "sdpa"),
         ((7, 0), True, torch.float16, "xformers"),
         ((7, 0), False, torch.float16, "sdpa"),
     ]:
@@ -356,6 +358,15 @@ def test_switch_by_capability(monkeypatch):
         assert ops.select_attention_backend(cuda, dtype=dtype, head_dim=64) == expected, (cap, dtype)
     monkeypatch.setattr(ops, "_cuda_capability", lambda device: (9, 0))
     assert ops.select_attention_backend(cuda, dtype=torch.bfloat16, head_dim=256) == "sdpa"
+    assert ops.select_attention_backend(cuda, dtype=torch.float64, head_dim=64) == "sdpa"
+    # forced: fp32 runs on Triton (tiles that fit, see test_tile_heuristic); float64 and sm70 are refused
+    assert ops.select_attention_backend(cuda, "triton", dtype=torch.float32, head_dim=64) == "triton"
+    with pytest.raises(ValueError, match="not float64; use backend='sdpa'"):
+        ops.select_attention_backend(cuda, "triton", dtype=torch.float64, head_dim=64)
+    monkeypatch.setattr(ops, "_cuda_capability", lambda device: (7, 0))
+    monkeypatch.setattr(ops, "_has_module", lambda name: True)
+    with pytest.raises(ValueError, match="compute capability 8.0 or newer.*sm70.*backend='xformers'"):
+        ops.select_attention_backend(cuda, "triton", dtype=torch.float16, head_dim=64)
 
 
 @runnable

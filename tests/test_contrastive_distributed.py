@@ -1,7 +1,7 @@
 """The distributed contrastive loss over gloo (2 and 3 CPU ranks) equals the single-process loss.
 
-Each rank holds n pairs of one global batch of W n pairs. For every backend CI can run (cpp, torch,
-triton under the interpreter) the test checks, against the float64 single-process loss over the whole
+Each rank holds n pairs of one global batch of W n pairs. For every backend CI can run (cpp, chunked,
+torch, triton under the interpreter) the test checks, against the float64 single-process loss over the whole
 batch: the loss on every rank; W x this rank's slice of the feature gradients (the data-parallel
 averaging convention of clipforge.loss); the full logit-scale gradient on every rank. Unequal local
 batches must raise the same clear error on every rank.
@@ -18,7 +18,7 @@ import torch
 N_LOCAL = 13  # odd, and not a multiple of any chunk or block size used
 DIM = 24
 SCALE = 14.3
-CPP_CHUNK = 4
+CHUNK = 4  # cpp / chunked: uneven row chunks of the 13 local rows
 
 
 def _global_batch(world: int):
@@ -39,14 +39,14 @@ def _worker(rank: int, world: int, init_file: str, out_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     img, txt = _global_batch(world)
     rows = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
-    backends = ["torch", "triton"] + (["cpp"] if ops.cpp_extension() is not None else [])
+    backends = ["torch", "triton", "chunked"] + (["cpp"] if ops.cpp_extension() is not None else [])
     results = {}
     for backend in backends:
         i = img[rows].float().clone().requires_grad_(True)
         t = txt[rows].float().clone().requires_grad_(True)
         s = torch.tensor(SCALE, requires_grad=True)
         loss = clipforge.contrastive_loss(i, t, s, group=dist.group.WORLD, backend=backend,
-                                          chunk_size=CPP_CHUNK if backend == "cpp" else None)
+                                          chunk_size=CHUNK if backend in ("cpp", "chunked") else None)
         loss.backward()
         results[backend] = (loss.detach(), i.grad, t.grad, s.grad)
     # unequal local batches: every rank must raise (rank 0 holds one pair fewer)
@@ -95,7 +95,7 @@ def test_distributed_loss_equals_single_process(world, tmp_path):
 
     results = _run_ranks(world, tmp_path)
     backends = [b for b in results[0] if b != "unequal"]
-    assert {"torch", "triton"} <= set(backends)
+    assert {"torch", "triton", "chunked"} <= set(backends)
     for rank, res in enumerate(results):
         rows = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
         for backend in backends:
