@@ -381,7 +381,7 @@ def _attention_forward(q, k, v, causal: bool, softmax_scale: float):
     seqlen_k = k.shape[2]
     o = _empty_bhsd(batch, heads, seqlen_q, head_dim, q)
     lse = torch.empty(batch, heads, seqlen_q, dtype=torch.float32, device=q.device)
-    tiles = attention_tiles("fwd", head_dim, seqlen_q, seqlen_k, cuda_capability(q.device))
+    tiles = attention_tiles("fwd", head_dim, seqlen_q, seqlen_k, cuda_capability(q.device), q.dtype == torch.float32)
     grid = (batch * heads, triton.cdiv(seqlen_q, tiles.block_m))
     _attention_fwd_kernel[grid](
         o, *o.stride(),
@@ -408,11 +408,12 @@ def _attention_backward(do, q, k, v, o, lse, causal: bool, softmax_scale: float)
     block_d = max(16, next_power_of_2(head_dim))
     flags = kernel_flags(_attention_bwd_dq_kernel, q.dtype)
     capability = cuda_capability(q.device)
+    fp32 = q.dtype == torch.float32
     dq = _empty_bhsd(batch, heads, seqlen_q, head_dim, q)
     dk = _empty_bhsd(batch, heads, seqlen_k, head_dim, k)
     dv = _empty_bhsd(batch, heads, seqlen_k, head_dim, v)
 
-    tiles = attention_tiles("bwd_fused", head_dim, seqlen_q, seqlen_k, capability)
+    tiles = attention_tiles("bwd_fused", head_dim, seqlen_q, seqlen_k, capability, fp32)
     if tiles is not None:  # one tile holds every query and key: single-kernel backward
         _attention_bwd_fused_kernel[(batch * heads,)](
             dq, *dq.stride(),
@@ -441,7 +442,7 @@ def _attention_backward(do, q, k, v, o, lse, causal: bool, softmax_scale: float)
         heads, seqlen_q,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=pre_block_m,
     )
-    tiles = attention_tiles("bwd_dkdv", head_dim, seqlen_q, seqlen_k, capability)
+    tiles = attention_tiles("bwd_dkdv", head_dim, seqlen_q, seqlen_k, capability, fp32)
     _attention_bwd_dkdv_kernel[(batch * heads, triton.cdiv(seqlen_k, tiles.block_n))](
         dk, *dk.stride(),
         dv, *dv.stride(),
@@ -455,7 +456,7 @@ def _attention_backward(do, q, k, v, o, lse, causal: bool, softmax_scale: float)
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, **flags,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
-    tiles = attention_tiles("bwd_dq", head_dim, seqlen_q, seqlen_k, capability)
+    tiles = attention_tiles("bwd_dq", head_dim, seqlen_q, seqlen_k, capability, fp32)
     _attention_bwd_dq_kernel[(batch * heads, triton.cdiv(seqlen_q, tiles.block_m))](
         dq, *dq.stride(),
         q, *q.stride(),

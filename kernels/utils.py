@@ -87,7 +87,8 @@ class TileConfig:
 
 
 def attention_tiles(
-    kind: str, head_dim: int, seqlen_q: int, seqlen_k: int, capability: tuple[int, int] | None = None
+    kind: str, head_dim: int, seqlen_q: int, seqlen_k: int, capability: tuple[int, int] | None = None,
+    fp32: bool = False,
 ) -> TileConfig | None:
     """Tile sizes of the fused attention kernels, picked by a heuristic (no autotuning).
 
@@ -112,9 +113,15 @@ def attention_tiles(
     - Checked without a GPU by `benchmarks/attention_compile_report.py` (compiles every CLIP shape for
       sm80 and sm90): no register spills, shared memory <= 112 KiB (head_dim 64) / 128 KiB (128).
     tl.dot needs every block dimension >= 16.
+    fp32: fp32 operands (only when the Triton backend is forced; ops sends fp32 to SDPA), whose exact
+    dots run on the FMA units with operands held in registers: small tiles on a GPU (see
+    _fp32_attention_tiles). Under the interpreter (capability None) fp32 keeps the tiles above: it has
+    no registers to spill, and CPU tests of small tiles set them explicitly.
     """
     if head_dim > 128:
         raise ValueError(f"head_dim {head_dim} is not supported by the Triton attention (at most 128)")
+    if fp32 and capability is not None:
+        return _fp32_attention_tiles(kind, head_dim, seqlen_q, seqlen_k)
     big_head = head_dim > 64
     if kind == "fwd":
         block_m = 64 if seqlen_q <= 64 else 128
@@ -154,4 +161,24 @@ def attention_tiles(
         # (benchmarks/attention_compile_report.py), even when the key loop runs once
         num_stages = 2
         return TileConfig(block_m, block_n, num_warps, num_stages)
+    raise ValueError(f"unknown attention kernel kind {kind!r}; choose fwd, bwd_dkdv, bwd_dq or bwd_fused")
+
+
+def _fp32_attention_tiles(kind: str, head_dim: int, seqlen_q: int, seqlen_k: int) -> TileConfig | None:
+    """Tiles for fp32 operands. Exact fp32 dots have no tensor-core layout: Triton keeps both operand
+    tiles in registers, so the bf16 tiles spilled 40-150 KB per thread and the pipelined key loop needed
+    224 KiB of shared memory (over sm80's 163 KiB). 32-key tiles on 4 warps, no fused backward;
+    no spills and at most 50 KiB on sm80 and sm90 (the compile gate, next commit)."""
+    if kind == "bwd_fused":
+        return None
+    big_head = head_dim > 64
+    if kind == "fwd":
+        # one stage: the FMA dots are the bottleneck, not the loads, and Triton 3.6 spilled 16 B on sm90
+        # at 77 causal tokens with two
+        block_m, block_n = (16, 16) if big_head else (32, 32)
+        return TileConfig(block_m, block_n, 4, 1)
+    if kind == "bwd_dkdv":
+        return TileConfig(16, 16 if big_head else 32, 4, 1 if seqlen_q <= 16 else 2)
+    if kind == "bwd_dq":
+        return TileConfig(32, 16 if big_head else 32, 4, 2)
     raise ValueError(f"unknown attention kernel kind {kind!r}; choose fwd, bwd_dkdv, bwd_dq or bwd_fused")

@@ -319,6 +319,15 @@ def test_tile_heuristic():
         assert attention_tiles("bwd_fused", 128, 77, 77, cap) is None
     assert attention_tiles("bwd_fused", 64, 77, 77, (9, 0)) is not None
     assert attention_tiles("bwd_fused", 64, 77, 77, (8, 0)) is None
+    # fp32 on a GPU (forced only): small tiles, no fused backward (compile_gate.py: no spills, <= 52 KiB);
+    # the interpreter (capability None) keeps the regular tiles
+    for cap in [(8, 0), (9, 0)]:
+        for head_dim in (64, 128):
+            assert attention_tiles("bwd_fused", head_dim, 50, 50, cap, fp32=True) is None
+            for kind in ("fwd", "bwd_dkdv", "bwd_dq"):
+                t = attention_tiles(kind, head_dim, 197, 197, cap, fp32=True)
+                assert t.block_m <= 32 and t.block_n <= 32 and t.num_warps == 4
+    assert attention_tiles("fwd", 64, 197, 197, None, fp32=True) == attention_tiles("fwd", 64, 197, 197)
 
 
 def test_fused_backward_can_be_switched_off(monkeypatch):
