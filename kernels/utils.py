@@ -110,7 +110,7 @@ def attention_tiles(
       key tile resident (BLOCK_N 128 / 64) and streams small query tiles (BLOCK_M 32), the dQ program
       the opposite. When one tile holds the whole sequence, "bwd_fused" replaces the three backward
       kernels by one (see its limits below).
-    - Checked without a GPU by `benchmarks/attention_compile_report.py` (compiles every CLIP shape for
+    - Checked without a GPU by `benchmarks/compile_gate.py` (compiles every CLIP shape for
       sm80 and sm90): no register spills, shared memory <= 112 KiB (head_dim 64) / 128 KiB (128).
     tl.dot needs every block dimension >= 16.
     fp32: fp32 operands (only when the Triton backend is forced; ops sends fp32 to SDPA), whose exact
@@ -132,7 +132,7 @@ def attention_tiles(
         return TileConfig(block_m, block_n, num_warps, num_stages)
     if kind == "bwd_fused":
         # One program per (batch, head) holding every query and key. Limits measured with
-        # benchmarks/attention_compile_report.py (bf16): up to 64 tokens fits without spills on sm80 and
+        # benchmarks/compile_gate.py (bf16): up to 64 tokens fits without spills on sm80 and
         # sm90 (head_dim 64: 4 warps, 228 / 151 registers; 128: 8 warps, 166 / 153); 128 x 128 tiles at
         # head_dim 64 fit on sm90 (8 warps, 218 registers) but spill 1.2 KB on sm80, so sm80 takes the
         # split path for 77 tokens. CLIPFORGE_ATTENTION_FUSED_BWD=0 forces the split path (to compare).
@@ -158,7 +158,7 @@ def attention_tiles(
         block_n = 32 if big_head else 64
         num_warps = 8 if block_m == 128 else 4
         # always 2 stages: with 1, ptxas on sm80 uses all 255 registers and spills at 64 x 64
-        # (benchmarks/attention_compile_report.py), even when the key loop runs once
+        # (benchmarks/compile_gate.py), even when the key loop runs once
         num_stages = 2
         return TileConfig(block_m, block_n, num_warps, num_stages)
     raise ValueError(f"unknown attention kernel kind {kind!r}; choose fwd, bwd_dkdv, bwd_dq or bwd_fused")
@@ -168,7 +168,7 @@ def _fp32_attention_tiles(kind: str, head_dim: int, seqlen_q: int, seqlen_k: int
     """Tiles for fp32 operands. Exact fp32 dots have no tensor-core layout: Triton keeps both operand
     tiles in registers, so the bf16 tiles spilled 40-150 KB per thread and the pipelined key loop needed
     224 KiB of shared memory (over sm80's 163 KiB). 32-key tiles on 4 warps, no fused backward;
-    no spills and at most 50 KiB on sm80 and sm90 (the compile gate, next commit)."""
+    benchmarks/compile_gate.py checks them for sm80 and sm90."""
     if kind == "bwd_fused":
         return None
     big_head = head_dim > 64

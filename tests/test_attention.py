@@ -12,10 +12,6 @@ rounding (~1e-7 of the gradient scale) remains.
 import contextlib
 import importlib
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -283,21 +279,6 @@ def test_rejects_bad_arguments():
 def test_device_check_names_the_fix():
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         check_kernel_device(object(), torch.zeros(1), "attention")  # a kernel compiled for the GPU
-
-
-def test_kernels_compile_for_gpus_without_spills():
-    # The interpreter runs code that the GPU compiler may reject, and says nothing about registers or
-    # shared memory. Triton compiles for sm80/sm90 without a GPU: do it for the causal text shape and
-    # fail on any register spill or shared-memory overflow (a subprocess, since this process's Triton
-    # may be in interpreter mode).
-    pytest.importorskip("triton.backends.nvidia", reason="triton has no NVIDIA backend here")
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "attention_compile_report.py"
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, str(script), "--quick", "--check"], env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert run.returncode == 0, f"compiling the attention kernels for sm80/sm90 failed:\n{run.stdout}\n{run.stderr[-3000:]}"
-    # 77 tokens: the fused backward on sm90, the split one (dK/dV + dQ kernels) on sm80
-    assert run.stdout.count(" fwd ") == 2 and "bwd_fused" in run.stdout and "bwd_dkdv" in run.stdout, run.stdout
 
 
 def test_tile_heuristic():
