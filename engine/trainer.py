@@ -354,6 +354,15 @@ class Trainer:
         return contrastive_loss(image_features, text_features, logit_scale, group=group,
                                 backend=self.cfg.loss.backend, chunk_size=self.cfg.loss.chunk_size)
 
+    def contrastive_loss_and_grads(self, image_features, text_features, logit_scale):
+        """The same loss with its gradients (`clipforge.loss.contrastive_loss_and_grads`): the feature
+        gradients in fp32 whatever the features' precision, what gradient caching stores."""
+        from .loss import contrastive_loss_and_grads
+
+        group = self.group if self.world_size > 1 else None
+        return contrastive_loss_and_grads(image_features, text_features, logit_scale, group=group,
+                                          backend=self.cfg.loss.backend, chunk_size=self.cfg.loss.chunk_size)
+
     def _all_finite(self, value: torch.Tensor) -> bool:
         flag = torch.tensor([1.0 if bool(torch.isfinite(value).all()) else 0.0], device=self.device)
         if self.world_size > 1:
@@ -414,9 +423,10 @@ class Trainer:
 
     def _plain_step(self, images, tokens) -> float | None:
         img, txt, scale = self.forward(images, tokens)
-        # fp32 features: on a GPU the Triton loss then uses exact fp32 dots, not bf16 tensor cores
-        # (docs/BENCHMARKS.md, Contrastive loss: a choice to revisit with GPU figures)
-        loss = self.contrastive_loss(img.float(), txt.float(), scale.float())
+        # features in the model's precision (bf16 / fp16 under precision.dtype bf16 / fp16, as OpenCLIP's
+        # autocast hands its loss): on a GPU the Triton loss then runs on the tensor cores, with fp32
+        # accumulation and statistics (clipforge.ops' table); only the scale goes to fp32
+        loss = self.contrastive_loss(img, txt, scale.float())
         if not self._all_finite(loss.detach()):
             return None
         self.engine.backward(loss, scale_wrt_gas=False)
@@ -432,18 +442,17 @@ class Trainer:
             for sl in slices:
                 states.append(_rng_state())
                 img, txt, scale = self.forward(images[sl], tokens[sl])
-                img_parts.append(img.float())
-                txt_parts.append(txt.float())
+                img_parts.append(img)  # the model's precision, as in _plain_step (half the cache in bf16)
+                txt_parts.append(txt)
         after = _rng_state()
-        # 2. loss over the global batch and its gradients w.r.t. this rank's features and the scale
-        img_all = torch.cat(img_parts).requires_grad_(True)  # (B_local, E)
-        txt_all = torch.cat(txt_parts).requires_grad_(True)  # (B_local, E)
-        scale_leaf = scale.detach().float().requires_grad_(True)
-        loss = self.contrastive_loss(img_all, txt_all, scale_leaf)
+        # 2. loss over the global batch and its gradients w.r.t. this rank's features and the scale, the
+        # feature gradients in fp32 (in fp16 each, ~ s / 2N, would be subnormal at N = 32k)
+        img_all = torch.cat(img_parts)  # (B_local, E)
+        txt_all = torch.cat(txt_parts)  # (B_local, E)
+        loss, g_img, g_txt, g_scale = self.contrastive_loss_and_grads(img_all, txt_all, scale.detach().float())
         if not self._all_finite(loss.detach()):
             _set_rng_state(after)
             return None
-        g_img, g_txt, g_scale = torch.autograd.grad(loss, (img_all, txt_all, scale_leaf))
         # 3. replay each micro-batch with a graph and push its slice of the cached gradients through
         for i, sl in enumerate(slices):
             _set_rng_state(states[i])

@@ -473,6 +473,33 @@ def test_low_precision_caching_matches_full_batch(tmp_path, one_rank, dtype):
     assert all(math.isfinite(x) for x in runs[0])
 
 
+@pytest.mark.parametrize("dtype, micro", [("bf16", 16), ("bf16", 4), ("fp32", 4)])
+def test_loss_receives_features_in_the_model_precision(tmp_path, one_rank, dtype, micro):
+    """Under precision.dtype bf16 the loss gets the model's bf16 features (as OpenCLIP's autocast hands its
+    loss; on a GPU that is the Triton row of clipforge.ops' table), plain and gradient-cached; fp32 stays
+    fp32. The scale is always fp32."""
+    from clipforge.train_config import TrainConfig
+    from clipforge.trainer import Trainer
+
+    cfg = TrainConfig.from_dict(_merge(BASE, {"batch": {"micro_size": micro}, "output_dir": str(tmp_path),
+                                              "precision": {"dtype": dtype}, "deepspeed": {"zero_stage": 2}}))
+    trainer = Trainer(cfg)
+    seen = []
+
+    def spy(fn):
+        def call(img, txt, scale):
+            seen.append((img.dtype, txt.dtype, scale.dtype))
+            return fn(img, txt, scale)
+        return call
+
+    # the plain step's loss, and the cached step's loss with its (fp32) feature gradients
+    trainer.contrastive_loss = spy(trainer.contrastive_loss)
+    trainer.contrastive_loss_and_grads = spy(trainer.contrastive_loss_and_grads)
+    metrics = trainer.train_step()
+    want = torch.bfloat16 if dtype == "bf16" else torch.float32
+    assert seen == [(want, want, torch.float32)] and math.isfinite(metrics["loss"])
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype, stage", [("bf16", 2), ("fp16", 1), ("fp16", 3)])
 def test_gpu_mixed_precision_runs(tmp_path, one_rank, dtype, stage):
