@@ -1,7 +1,9 @@
-"""Attention throughput at CLIP's shapes: our Triton kernel vs PyTorch SDPA (flash / efficient / math)
-and xformers, forward, backward and both, in bf16 on a CUDA GPU.
+"""Attention throughput at CLIP's shapes: our Triton kernel vs PyTorch SDPA (flash / efficient / cuDNN /
+math) and xformers, forward, backward and both, in bf16 on a CUDA GPU.
 
 Run: pytest benchmarks/bench_attention.py --benchmark-json out.json   (skipped without CUDA)
+     CLIPFORGE_BENCH_QUICK=1 ...   50 / 77 / 197 / 257 tokens, the fast peers only, 10 rounds
+                                   (benchmarks/gpu_check.sh --quick)
 
 Shapes are the ones CLIP trains at: the image towers' token counts (1 class token + patches) at a
 per-GPU batch of 256 (ViT-B) / 128 (ViT-L), and the causal text tower (77 tokens, batch 256).
@@ -9,16 +11,21 @@ Inputs are laid out as the model makes them: q, k, v are views of one packed (B,
 
 Each timed call runs the op `reps` times and then synchronizes (reps is picked so that one call takes
 about 2 ms, so launch and synchronisation overheads do not blur sub-100 us kernels); extra_info holds
-ms_per_op, TFLOP/s and the peak memory the op allocates on top of its inputs. FLOPs (Triton tutorial /
-FlashAttention convention): forward 4*B*H*S^2*d, backward 2.5x that, halved when causal.
+ms_per_op, TFLOP/s and the peak memory the op allocates on top of its inputs, and the roofline of the
+device (benchmarks/common.py: max(FLOPs / peak, bytes / HBM bandwidth) and the measured fraction of it).
+FLOPs (Triton tutorial / FlashAttention convention): forward 4*B*H*S^2*d, backward 2.5x that, halved
+when causal. Bytes (the minimum, each tensor once, bf16): forward reads q, k, v and writes o (4 B H S d
+elements), backward reads q, k, v, o, dO and writes dq, dk, dv (8 B H S d); fp32 log-sum-exps are small.
 """
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
 import torch.nn.functional as F
+from common import roofline
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="attention benchmarks need a CUDA GPU")]
@@ -34,17 +41,26 @@ SHAPES = {
 }
 # triton-split: our kernel with the fused single-kernel backward switched off (the split dK/dV + dQ
 # kernels), to decide where the fused one pays; it only differs from triton at <= 128 tokens
-PROVIDERS = ["triton", "triton-split", "sdpa-flash", "sdpa-efficient", "sdpa-math", "xformers"]
+PROVIDERS = ["triton", "triton-split", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math", "xformers"]
 PASSES = ["fwd", "bwd", "fwd+bwd"]
 DTYPE = torch.bfloat16
 TARGET_CALL_S = 2e-3
+ROUNDS = 20
+QUICK = os.environ.get("CLIPFORGE_BENCH_QUICK") == "1"
+if QUICK:  # the device check's budget: the four shortest sequences, no slow or diagnostic providers
+    SHAPES = {k: v for k, v in SHAPES.items() if v[2] in (50, 77, 197, 257) and k != "text-l-s77-causal"}
+    PROVIDERS = ["triton", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "xformers"]
+    ROUNDS = 10
 
 
 def _sdpa(backend_name):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-               "math": SDPBackend.MATH}[backend_name]
+    backends = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
+                "math": "MATH"}
+    backend = getattr(SDPBackend, backends[backend_name], None)
+    if backend is None:
+        pytest.skip(f"this torch ({torch.__version__}) has no SDPA {backend_name} backend")
 
     def fn(q, k, v, causal):
         with sdpa_kernel(backend):
@@ -75,6 +91,11 @@ def _provider(name):
 def _flops(batch, heads, seq, head_dim, causal, pass_):
     fwd = 4 * batch * heads * seq * seq * head_dim * (0.5 if causal else 1.0)
     return {"fwd": fwd, "bwd": 2.5 * fwd, "fwd+bwd": 3.5 * fwd}[pass_]
+
+
+def _bytes(batch, heads, seq, head_dim, pass_):
+    elems = batch * heads * seq * head_dim * DTYPE.itemsize
+    return {"fwd": 4 * elems, "bwd": 8 * elems, "fwd+bwd": 12 * elems}[pass_]
 
 
 def _inputs(batch, heads, seq, head_dim, grad):
@@ -146,7 +167,7 @@ def test_attention(benchmark, monkeypatch, shape, provider, pass_):
         torch.cuda.synchronize()
 
     benchmark.group = f"attention {shape} {pass_}"
-    benchmark.pedantic(timed, rounds=20, warmup_rounds=2, iterations=1)
+    benchmark.pedantic(timed, rounds=ROUNDS, warmup_rounds=2, iterations=1)
     seconds_per_op = benchmark.stats.stats.median / reps
     flops = _flops(batch, heads, seq, head_dim, causal, pass_)
     benchmark.extra_info.update(
@@ -155,5 +176,6 @@ def test_attention(benchmark, monkeypatch, shape, provider, pass_):
             "batch": batch, "heads": heads, "seq": seq, "head_dim": head_dim, "causal": causal,
             "reps": reps, "ms_per_op": seconds_per_op * 1e3, "tflops": flops / seconds_per_op / 1e12,
             "peak_mem_mb": peak_mb, "device": torch.cuda.get_device_name(),
+            **roofline(flops, _bytes(batch, heads, seq, head_dim, pass_), seconds_per_op, "bf16"),
         }
     )

@@ -8,10 +8,15 @@ RSS of a separate process that runs one fwd+bwd, minus the peak RSS of the same 
 everything but the loss (imports, features with requires_grad, a tensor scale): the loss's own extra
 memory, gradients included. The baselines (reference, ClipLoss) materialise several N x N fp32
 matrices (4 GiB each at N = 32768) and take minutes there, so they stop at N = 16384 on CPU.
-CUDA ("triton"): N in {4096, ..., 32768}, d in {512, 768}, bf16 features; extra memory is
-max_memory_allocated minus what the inputs hold; "mm4" times four torch.mm of the loss's GEMM size
-(2 N^2 d FLOPs each), the speed of light for a fused loss.
-extra_info: seconds per fwd+bwd, GFLOP/s counted as 4 GEMMs (8 N^2 d), and peak_extra_mb.
+CUDA: N in {4096, ..., 32768}, d in {512, 768}, bf16 features (CLIPFORGE_BENCH_QUICK=1: N = 32768,
+d = 768 only, benchmarks/gpu_check.sh --quick); providers "triton" (fused statistics and probability
+tiles + cuBLAS GEMMs), "chunked" (the same algorithm in PyTorch GEMMs, what V100 and fp32 get), the
+reference "torch" and OpenCLIP's ClipLoss (both build the N x N logits in bf16), and "mm4": four
+torch.mm of the loss's GEMM size (2 N^2 d FLOPs each), the speed of light for a fused loss. Extra
+memory is max_memory_allocated minus what the inputs hold.
+extra_info: seconds per fwd+bwd, GFLOP/s counted as 4 GEMMs (8 N^2 d), peak_extra_mb, and on a GPU the
+roofline (benchmarks/common.py): 8 N^2 d FLOPs at the bf16 peak against the minimum bytes (features
+read, gradients written: 8 N d bf16 elements).
 """
 from __future__ import annotations
 
@@ -24,11 +29,14 @@ import time
 
 import pytest
 import torch
-from common import shim_torchvision
+from common import roofline, shim_torchvision
 
 CPU_N = [int(os.environ["CLIPFORGE_BENCH_N"])] if "CLIPFORGE_BENCH_N" in os.environ else [4096, 8192, 16384, 32768]
 CPU_BASELINE_MAX_N = 16384
 GPU_N = [4096, 8192, 16384, 32768]
+GPU_D = [512, 768]
+if os.environ.get("CLIPFORGE_BENCH_QUICK") == "1":
+    GPU_N, GPU_D = [32768], [768]
 
 
 def _has_open_clip() -> bool:
@@ -123,8 +131,8 @@ def test_cpu_contrastive_fwd_bwd(benchmark, n, provider):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("provider", ["triton", "torch", "openclip", "mm4"])
-@pytest.mark.parametrize("d", [512, 768])
+@pytest.mark.parametrize("provider", ["triton", "chunked", "torch", "openclip", "mm4"])
+@pytest.mark.parametrize("d", GPU_D)
 @pytest.mark.parametrize("n", GPU_N)
 def test_cuda_contrastive_fwd_bwd(benchmark, n, d, provider):
     if provider == "openclip" and not _has_open_clip():
@@ -163,6 +171,6 @@ def test_cuda_contrastive_fwd_bwd(benchmark, n, d, provider):
     benchmark.extra_info.update({
         "device": torch.cuda.get_device_name(), "n": n, "d": d, "provider": provider, "dtype": "bf16",
         "pass": "fwd+bwd", "seconds": seconds, "gflops_4gemm": 8 * n * n * d / seconds / 1e9,
-        "peak_extra_mb": peak / 2**20,
+        "peak_extra_mb": peak / 2**20, **roofline(8 * n * n * d, 8 * n * d * 2, seconds, "bf16"),
     })
     print(json.dumps(benchmark.extra_info))

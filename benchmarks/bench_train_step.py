@@ -30,7 +30,7 @@ import re
 
 import pytest
 import torch
-from common import shim_torchvision
+from common import roofline, shim_torchvision
 
 CPU_CASES = [  # (preset, contrastive batch, clipforge micro-batch)
     ("small-vit", 64, 64),
@@ -169,13 +169,10 @@ def test_cpu_train_step(benchmark, preset, batch, micro, provider):
 
 
 def _peak_tflops(device_name: str) -> float | None:
-    from clipforge.plan import GPU_SPECS
+    from clipforge.plan import spec_for_device
 
-    for family in ("H100", "H200", "A100", "V100"):
-        if family in device_name:
-            key = {"H200": "H100-80GB"}.get(family) or next(k for k in GPU_SPECS if k.startswith(family))
-            return GPU_SPECS[key].peak_tflops.get("bf16")
-    return None
+    found = spec_for_device(device_name)
+    return found[1].peak_tflops.get("bf16") if found else None
 
 
 @pytest.mark.cuda
@@ -206,5 +203,8 @@ def test_cuda_train_step(benchmark, preset, batch, micro, provider):
         "samples_per_s": batch / seconds, "peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20,
         "model_tflops": model_flops / seconds / 1e12,
         "mfu": model_flops / seconds / (peak * 1e12) if peak else None, "torch": torch.__version__,
+        # the compute roofline of the step (weights and activations re-read are not counted): its fraction
+        # is the MFU
+        **roofline(model_flops, 0, seconds, "bf16"),
     })
     print(json.dumps(benchmark.extra_info))
