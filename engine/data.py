@@ -92,7 +92,7 @@ from .tokenizer import DEFAULT_CONTEXT_LENGTH, EOT_ID, SOT_ID
 # CLIP's normalisation (CLIP.md): the statistics of the OpenAI training images.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: samples bound by position (duplicate keys, repair members named per sample)
 
 
 @dataclass
@@ -309,9 +309,18 @@ def _validate_shard(path: str, cache_dir: str, max_pixels: int, threads: int):
         pass
 
     try:
-        samples = scan_tar(path)
+        scanned = scan_tar(path)
     except tarfile.TarError as exc:
         raise DataError(f"shard {path} is not a readable tar file ({exc}); remove it from data.shards") from exc
+    # A key that repeats (a foreign tar may hold two samples of one name): the first is kept, the
+    # others are skipped and counted, so a key names one (image, caption) pair.
+    samples, seen, duplicates = [], set(), 0
+    for key, comps in scanned:
+        if key in seen:
+            duplicates += 1
+        else:
+            seen.add(key)
+            samples.append((key, comps))
     fd = os.open(path, os.O_RDONLY)
     try:
         def check(sample):
@@ -334,7 +343,7 @@ def _validate_shard(path: str, cache_dir: str, max_pixels: int, threads: int):
     finally:
         os.close(fd)
 
-    skipped, repaired = Counter(), Counter()
+    skipped, repaired = Counter({"duplicate_key": duplicates} if duplicates else {}), Counter()
     keys, names, rows = [], [], []
     tmp_repair = f"{repair_path}.tmp{os.getpid()}"
     repair_tar = None
@@ -348,7 +357,8 @@ def _validate_shard(path: str, cache_dir: str, max_pixels: int, threads: int):
                 repaired[r] += 1
             if repair_tar is None:
                 repair_tar = tarfile.open(tmp_repair, "w", format=tarfile.GNU_FORMAT)
-            info = tarfile.TarInfo(f"{key}.jpg")
+            # named by the sample's position, not its key: the offset found below is this sample's
+            info = tarfile.TarInfo(f"{len(keys):09d}.jpg")
             info.size = len(chk.data)
             repair_tar.addfile(info, io.BytesIO(chk.data))
             row = (1, -1, len(chk.data), txt[0], txt[1])  # data offset filled in below

@@ -113,17 +113,24 @@ def list_images(root: str) -> list[str]:
     return out
 
 
-def _webdataset_samples(spec: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(tar:key, {ext: bytes}) for every sample of the shards, in order, one sample in memory at a time."""
+def _webdataset_samples(spec: str) -> Iterator[tuple[str, dict[str, bytes] | None]]:
+    """(tar:key, {ext: bytes}) for every sample of the shards, in order, one sample in memory at a time;
+    (tar:key, None) for a key that repeats in its tar (the first sample of a key is the one kept, as in
+    clipforge.data)."""
     from .data import expand_shards
     from .shards import scan_tar
 
     for path in expand_shards(spec):
         fd = os.open(path, os.O_RDONLY)
+        seen = set()
         try:
             for key, comps in scan_tar(path):
-                yield f"{os.path.basename(path)}:{key}", {ext.lower(): os.pread(fd, size, off)
-                                                           for ext, (off, size, _) in comps.items()}
+                name = f"{os.path.basename(path)}:{key}"
+                if key in seen:
+                    yield name, None
+                    continue
+                seen.add(key)
+                yield name, {ext.lower(): os.pread(fd, size, off) for ext, (off, size, _) in comps.items()}
         finally:
             os.close(fd)
 
@@ -144,6 +151,9 @@ class _LabelledShards:
 
     def __iter__(self):
         for key, comps in _webdataset_samples(self.spec):
+            if comps is None:
+                self.skipped.append([key, "repeated key (the first sample of that key is kept)"])
+                continue
             img = _image_of(comps)
             raw = comps.get("cls")
             if img is None:
@@ -338,6 +348,8 @@ def captioned_images(spec: str) -> tuple[list[Any], list[str], list[str], list[i
             owner.extend([where[img]] * len(caps))
     elif _is_webdataset(spec):
         for key, comps in _webdataset_samples(spec):
+            if comps is None:
+                continue  # a repeated key: its first sample is the one evaluated
             img, txt = _image_of(comps), comps.get("txt")
             caps = [c.strip() for c in txt.decode("utf-8", "replace").splitlines() if c.strip()] if txt else []
             if img is None or not caps:

@@ -48,7 +48,7 @@ MAX_LISTED_SKIPS = 1000
 # Skip reasons (shared with clipforge.data, whose counters use the same names).
 SKIP_REASONS = (
     "missing_image", "empty_image", "corrupt_image", "too_large",
-    "missing_caption", "empty_caption", "bad_caption_encoding",
+    "missing_caption", "empty_caption", "bad_caption_encoding", "duplicate_key",
 )
 
 
@@ -72,7 +72,10 @@ def split_name(name: str) -> tuple[str, str]:
 def scan_tar(path: str) -> list[tuple[str, dict[str, tuple[int, int, str]]]]:
     """Samples of a tar in file order: [(key, {ext: (data offset, size, member name)})].
 
-    Members are grouped like wds2idx does (consecutive members with the same key); directories,
+    Members are grouped like wds2idx does (consecutive members with the same key), except that a
+    component already in the current sample starts a new one (`a.jpg a.txt a.jpg a.txt` is two
+    samples, never one whose image and caption come from different members); a key may therefore
+    repeat, and callers decide what a repeat means (clipforge.data keeps the first). Directories,
     links and hidden files are ignored. A tar cut short keeps the members that end inside the file.
     """
     file_size = os.path.getsize(path)
@@ -92,7 +95,7 @@ def scan_tar(path: str) -> list[tuple[str, dict[str, tuple[int, int, str]]]]:
                 continue
             if member.offset_data + member.size > file_size:
                 break
-            if samples and samples[-1][0] == key:
+            if samples and samples[-1][0] == key and ext not in samples[-1][1]:
                 samples[-1][1][ext] = (member.offset_data, member.size, member.name)
             else:
                 samples.append((key, {ext: (member.offset_data, member.size, member.name)}))

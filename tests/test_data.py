@@ -288,6 +288,36 @@ def test_a_sample_that_broke_after_validation_is_dropped_and_counted(tmp_path, b
     assert loader.stats["runtime"] == expected
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_repeated_keys_with_reencoded_members_stay_paired(tmp_path, backend):
+    """A foreign shard repeating sample keys, with PNG members (re-encoded into the repair tar): every
+    delivered image is its own caption's, checked by content; the first sample of a key is kept and
+    the others counted (once apart, once back to back: `c.png c.txt c.png c.txt` is two samples)."""
+    from PIL import Image
+
+    from test_shards import color_of
+
+    def png(i):
+        return encode(Image.new("RGB", (20, 20), color_of(i)), "PNG")
+
+    folder = tmp_path / "dup"
+    folder.mkdir()
+    write_tar(str(folder / "a.tar"), [
+        ("a", {"png": png(1), "txt": caption_of(1)}), ("b", {"png": png(2), "txt": caption_of(2)}),
+        ("a", {"png": png(3), "txt": caption_of(3)}), ("c", {"png": png(4), "txt": caption_of(4)}),
+        ("c", {"png": png(5), "txt": caption_of(5)}), ("d", {"jpg": solid_jpeg(6), "txt": caption_of(6)}),
+    ])
+    cfg = DataConfig(shards=str(folder), batch_size=2, backend=backend, num_threads=1, cache_dir=str(tmp_path / "c"))
+    loader = build_train_loader(cfg, 0, 1, 0, 0, SIZE, id_tokenizer, with_keys=True)
+    keys, tokens, images = run_epoch(loader)
+    assert dict(zip(keys, tokens[:, 0].tolist())) == {"a": 1, "b": 2, "c": 4, "d": 6}
+    colours = pixels(images).mean(dim=(2, 3))
+    for k, tok, col in zip(keys, tokens[:, 0].tolist(), colours):
+        assert (col - torch.tensor(color_of(tok), dtype=torch.float32)).abs().max() < 6, (k, tok, col)
+    assert loader.stats["skipped"] == {"duplicate_key": 2}
+    assert loader.stats["repaired"] == {"format_PNG": 3}
+
+
 def test_make_shards_output_is_trusted_and_read_by_both(raw, tmp_path):
     """make-shards over the raw samples: the loader reads its index without re-validating."""
     from clipforge import shards
