@@ -847,6 +847,13 @@ class _ThreadAhead:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
+def _index_name(name: str) -> str:
+    """A member name as a DALI index field: DALI splits index lines on whitespace (a name with a space
+    made it refuse the whole index: "Malformed index file") and reads data by offset and size, using the
+    name only to describe the sample; so whitespace becomes "_" (unicode and dots stay)."""
+    return "".join("_" if c.isspace() else c for c in name) or "_"
+
+
 class DaliLoader(_Loader):
     """DALI: readers.webdataset (our per-epoch index) -> decoders.image -> crop/resize -> normalise."""
 
@@ -868,7 +875,7 @@ class DaliLoader(_Loader):
             for part in np.split(np.arange(len(idx)), cuts):
                 r0 = rows[part[0]]
                 path = os.path.join(tmpdir, f"{len(indexes):06d}.idx")
-                write_index(path, ([("jpg", int(r["img_off"]), int(r["img_size"]), samples.img_names[s])]
+                write_index(path, ([("jpg", int(r["img_off"]), int(r["img_size"]), _index_name(samples.img_names[s]))]
                                    for r, s in zip(rows[part], idx[part])))
                 paths.append(samples.files[r0["img_file"]])
                 indexes.append(path)
