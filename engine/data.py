@@ -50,10 +50,18 @@ Bad samples (the robustness design)
    alpha, PNG, EXIF-rotated ...) are re-encoded as RGB JPEGs into a repair tar in `cfg.cache_dir`,
    and the list of usable samples plus the skip counts are cached there (keyed by path, size and
    mtime). Both backends then see the same byte streams.
-3. At run time a DALI decode error fails only its batch (DALI 2.4's pipeline carries on with the next
-   batch: checked by hand on truncated and corrupt JPEGs, and by a fault-injection test); that batch is decoded again with Pillow, samples Pillow cannot decode either are
-   dropped from it and counted, and training goes on. The PyTorch path drops and counts a sample
-   whose decode fails in a worker. Nothing is silent: every skip has a counter in `loader.stats`.
+3. At run time every batch holds its planned number of samples, on every rank (the trainer's steps
+   stay in lock-step). A sample that cannot be read (its shard was deleted or changed) or decoded is
+   replaced by the first usable sample of a fixed candidate order: the epoch's sequence after its
+   batch, wrapping (`_EpochPlan.candidates`), so replacements are the same however the epoch is
+   split or resumed; that sample then appears twice in the epoch. A DALI decode error fails only
+   its batch (DALI 2.4's pipeline carries on with the next batch: checked by hand on truncated and
+   corrupt JPEGs, and by a fault-injection test); that batch is decoded again with Pillow, with the
+   same replacements. A shard found gone from disk when an epoch is planned is skipped (its samples
+   replaced in the DALI index and the captions alike) and named in a warning. Only when no sample of
+   the epoch can stand in does the loader stop, with one sentence (DataError). Nothing is silent:
+   every skip and replacement has a counter in `loader.stats` (RUNTIME_COUNTERS), and the trainer
+   writes their sums over ranks to data_stats.json at the end of a run.
 
 Tokenisation
 ------------
@@ -71,6 +79,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -130,6 +139,13 @@ class DataConfig:
 
 class DataError(ValueError):
     """The shards cannot be used as configured; the message names the file or key."""
+
+
+# Run-time counters of a loader (`loader.stats["runtime"]`), in a fixed order so ranks can sum them:
+# samples that could not be read / decoded, replacements that kept their batches full, shards found
+# gone from disk, DALI batches re-decoded by Pillow and the samples that took.
+RUNTIME_COUNTERS = ("read_error", "decode_error", "replaced", "vanished_shards", "dali_failed_batches",
+                    "fallback_decoded")  # vanished_shards: this rank's count; stats["vanished"] names them
 
 
 # --------------------------------------------------------------------------------------------
@@ -555,17 +571,28 @@ class _EpochPlan:
     """The rank's remaining samples of one epoch (from `start`), addressed by position i = 0 .. n-1."""
 
     def __init__(self, catalog: Catalog, segments, *, seed: int, epoch: int, shuffle: bool, start: int,
-                 batch_size: int, n_batches: int):
+                 batch_size: int, n_batches: int, epoch_segments=None, offset: int = 0):
+        """segments: this rank's (rank_segments); epoch_segments: the whole epoch's sequence (rank 0 of
+        1), of which the rank's slice starts at `offset` (default: the rank's own, offset 0); replacements
+        for bad samples come from it."""
         self.catalog, self.segments = catalog, segments
         self.seed, self.epoch, self.shuffle = seed, epoch, shuffle
         self.cum = np.cumsum([hi - lo for _, lo, hi in segments], dtype=np.int64)
         total = int(self.cum[-1]) if len(self.cum) else 0
-        self.batch_size, self.start = batch_size, start
+        self.epoch_segments = segments if epoch_segments is None else epoch_segments
+        self.epoch_cum = np.cumsum([hi - lo for _, lo, hi in self.epoch_segments], dtype=np.int64)
+        self.epoch_total = int(self.epoch_cum[-1]) if len(self.epoch_cum) else 0
+        self.offset = offset
+        self.batch_size, self.start, self.total = batch_size, start, total
         self.n = max(0, total - start)
         if n_batches >= 0:  # drop_last: the epoch ends after n_batches full batches
             self.n = min(self.n, max(0, n_batches * batch_size - start))
         self.files = _FileCache()
         self._perms: dict = {}
+        # shards of this rank's epoch whose tar is gone (deleted since the catalog was built): their
+        # samples are replaced like bad ones (see batch_positions); the loader warns and counts them
+        self.missing = {shard for shard, _, _ in self.epoch_segments
+                        if catalog.refs[shard].source != "memory" and not os.path.exists(catalog.refs[shard].path)}
 
     def batch_range(self, b: int) -> range:
         return range(b * self.batch_size, min((b + 1) * self.batch_size, self.n))
@@ -584,14 +611,22 @@ class _EpochPlan:
         return perm
 
     def locate(self, i: int) -> tuple[int, int]:
-        """(shard, sample) at position i."""
+        """(shard, sample) at position i (outside 0 .. total - 1: the epoch's sequence around the slice,
+        where replacements come from)."""
         j = self.start + i
-        k = int(np.searchsorted(self.cum, j, side="right"))
-        shard, lo, _ = self.segments[k]
-        return shard, int(self._perm(shard)[lo + j - (int(self.cum[k - 1]) if k else 0)])
+        cum, segments = self.cum, self.segments
+        if not 0 <= j < self.total:
+            j, cum, segments = self.offset + j, self.epoch_cum, self.epoch_segments
+        k = int(np.searchsorted(cum, j, side="right"))
+        shard, lo, _ = segments[k]
+        return shard, int(self._perm(shard)[lo + j - (int(cum[k - 1]) if k else 0)])
 
     def runs(self):
-        """(shard, sample indices) of positions 0 .. n-1, in order, one shard at a time."""
+        """(shard, sample indices) of the epoch's effective positions (batch_positions), in order, one
+        shard at a time."""
+        if self.missing:
+            yield from self._resolved_runs()
+            return
         skip, left = self.start, self.n
         for shard, lo, hi in self.segments:
             if left <= 0:
@@ -602,6 +637,55 @@ class _EpochPlan:
             part = self._perm(shard)[lo + skip: min(hi, lo + skip + left)]
             skip, left = 0, left - len(part)
             yield shard, part
+
+    def _resolved_runs(self):
+        run_shard, run = None, []
+        for b in range(self.num_batches):
+            for i in self.batch_positions(b):
+                shard, sample = self.locate(i)
+                if shard != run_shard and run:
+                    yield run_shard, np.array(run, dtype=np.int64)
+                    run = []
+                run_shard = shard
+                run.append(sample)
+        if run:
+            yield run_shard, np.array(run, dtype=np.int64)
+
+    # ---- replacements: a batch always holds batch_range(b)'s count of samples
+    def candidates(self, b: int):
+        """Positions that may stand in for a bad sample of batch b, in a fixed order: the epoch's
+        sequence after the batch, then from its beginning (wrapping over every rank's samples, so one
+        rank whose slice went bad still fills its batches; positions before `start` included, so a
+        resumed run replaces exactly as an uninterrupted one), never the batch itself."""
+        r = self.batch_range(b)
+        base = self.offset + self.start  # epoch position of plan position 0
+        for g in itertools.chain(range(base + r.stop, self.epoch_total), range(0, base + r.start)):
+            yield g - base
+
+    def in_missing_shard(self, i: int) -> bool:
+        return bool(self.missing) and self.locate(i)[0] in self.missing
+
+    def batch_positions(self, b: int) -> list[int]:
+        """The positions batch b reads: batch_range(b), with each sample of a vanished shard replaced by
+        the next candidate from a shard that is still there (distinct, deterministic)."""
+        idx = list(self.batch_range(b))
+        if not self.missing:
+            return idx
+        out, cand = [], None
+        for i in idx:
+            if not self.in_missing_shard(i):
+                out.append(i)
+                continue
+            cand = cand or self.candidates(b)
+            for c in cand:
+                if not self.in_missing_shard(c):
+                    out.append(c)
+                    break
+            else:
+                raise DataError(f"every shard of epoch {self.epoch} is gone from disk "
+                                f"({', '.join(sorted(self.catalog.refs[s].path for s in self.missing))}); "
+                                "check data.shards")
+        return out
 
     def row(self, i: int):
         shard, s = self.locate(i)
@@ -635,7 +719,8 @@ def _tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
 
 
 class _CaptionBatches(torch.utils.data.Dataset):
-    """Batch b -> (tokens, keys) of the plan's batch b: the DALI backend's caption side."""
+    """Batch b -> (tokens, keys) of the plan's batch b, or None when a caption cannot be read (the
+    batch then goes to the Pillow fallback, which replaces that sample): the DALI backend's caption side."""
 
     def __init__(self, plan: _EpochPlan, tokenizer):
         self.plan, self.tokenizer = plan, tokenizer
@@ -644,12 +729,25 @@ class _CaptionBatches(torch.utils.data.Dataset):
         return self.plan.num_batches
 
     def __getitem__(self, b):
-        idx = self.plan.batch_range(b)
-        return _tokenize(self.tokenizer, [self.plan.caption(i) for i in idx]), [self.plan.key(i) for i in idx]
+        idx = self.plan.batch_positions(b)
+        try:
+            captions = [self.plan.caption(i) for i in idx]
+        except OSError:
+            return None
+        return _tokenize(self.tokenizer, captions), [self.plan.key(i) for i in idx]
+
+
+class _ReadError(Exception):
+    """A sample's bytes could not be read (its shard vanished or changed): the cause is chained."""
 
 
 class _PillowBatches(torch.utils.data.Dataset):
-    """Batch b -> decoded, transformed, normalised batch b: the PyTorch backend."""
+    """Batch b -> decoded, transformed, normalised batch b: the PyTorch backend (and DALI's fallback).
+
+    A batch always holds its planned number of samples: a sample that cannot be read or decoded is
+    replaced by the next of the plan's candidates that can (`_EpochPlan.candidates`: deterministic,
+    the same whatever the worker or resume point), and counted (`decode_error` / `read_error`, and
+    `replaced`). The replacement appears again in its own batch: that epoch sees it twice."""
 
     def __init__(self, plan: _EpochPlan, tokenizer, size: int, train: bool, area, ratio):
         self.plan, self.tokenizer, self.size, self.train = plan, tokenizer, size, train
@@ -658,29 +756,55 @@ class _PillowBatches(torch.utils.data.Dataset):
     def __len__(self):
         return self.plan.num_batches
 
-    def decode(self, indices):
-        images, kept, errors = [], [], Counter()
-        for i in indices:
-            try:
-                im = pil_decode(self.plan.image_bytes(i))
-            except Exception:  # noqa: BLE001 - counted: data changed or validation missed it
-                errors["decode_error"] += 1
-                continue
-            rng = self.plan.rng(i) if self.train else None
-            images.append(pil_transform(im, self.size, train=self.train, rng=rng, area=self.area, ratio=self.ratio))
-            kept.append(i)
-        if images:
-            batch = normalize_uint8(torch.from_numpy(np.stack(images)))
-        else:
-            batch = torch.zeros(0, 3, self.size, self.size)
-        return batch, kept, errors
+    def _sample(self, i):
+        """(uint8 image, caption) of position i; raises _ReadError, or whatever decoding raises."""
+        try:
+            raw, caption = self.plan.image_bytes(i), self.plan.caption(i)
+        except (OSError, DataError) as exc:
+            raise _ReadError(str(exc)) from exc
+        im = pil_decode(raw)
+        rng = self.plan.rng(i) if self.train else None
+        image = pil_transform(im, self.size, train=self.train, rng=rng, area=self.area, ratio=self.ratio)
+        return image, caption
+
+    def decode(self, b: int, positions=None):
+        """(images, positions used, captions, error counts, files found missing) of batch b."""
+        positions = self.plan.batch_positions(b) if positions is None else list(positions)
+        images, used, captions, errors, missing = [], [], [], Counter(), set()
+        taken, cand = set(positions), None
+        for i in positions:
+            todo = [i]
+            while todo:
+                j = todo.pop()
+                try:
+                    image, caption = self._sample(j)
+                except Exception as exc:  # noqa: BLE001 - counted and replaced: the batch stays full
+                    errors["read_error" if isinstance(exc, _ReadError) else "decode_error"] += 1
+                    cause = exc.__cause__
+                    if isinstance(cause, FileNotFoundError) and cause.filename:
+                        missing.add(str(cause.filename))
+                    cand = cand or self.plan.candidates(b)
+                    nxt = next((c for c in cand if c not in taken and not self.plan.in_missing_shard(c)), None)
+                    if nxt is None:
+                        raise DataError(
+                            f"no sample of epoch {self.plan.epoch} can replace a bad one: all "
+                            f"{self.plan.epoch_total} were tried ({dict(errors)}); check data.shards") from exc
+                    taken.add(nxt)
+                    errors["replaced"] += 1
+                    todo.append(nxt)
+                    continue
+                images.append(image)
+                used.append(j)
+                captions.append(caption)
+        batch = (normalize_uint8(torch.from_numpy(np.stack(images))) if images
+                 else torch.zeros(0, 3, self.size, self.size))
+        return batch, used, captions, errors, missing
 
     def __getitem__(self, b):
-        idx = list(self.plan.batch_range(b))
-        images, kept, errors = self.decode(idx)
-        tokens = (_tokenize(self.tokenizer, [self.plan.caption(i) for i in kept]) if kept
+        images, used, captions, errors, missing = self.decode(b)
+        tokens = (_tokenize(self.tokenizer, captions) if used
                   else torch.zeros(0, DEFAULT_CONTEXT_LENGTH, dtype=torch.long))
-        return images, tokens, [self.plan.key(i) for i in kept], len(idx), dict(errors)
+        return images, tokens, [self.plan.key(i) for i in used], len(self.plan.batch_range(b)), dict(errors), missing
 
 
 def _default_tokenizer():
@@ -703,6 +827,7 @@ class _Loader:
         self.catalog = catalog if catalog is not None else self._catalog()
         self.runtime = Counter()
         self.delivered = 0
+        self._gone: set[str] = set()  # shards found missing (warned about once each)
         if self.position < 0 or self.position > self.num_samples:
             raise DataError(f"start position {self.position} is outside this rank's epoch of {self.num_samples} samples")
 
@@ -733,9 +858,24 @@ class _Loader:
         shuffle = self.train and self.cfg.shuffle
         segments = rank_segments(self.catalog.counts, seed=self.cfg.seed, epoch=self.epoch, rank=self.rank,
                                  world_size=self.world_size, shuffle=shuffle)
-        return _EpochPlan(self.catalog, segments, seed=self.cfg.seed, epoch=self.epoch, shuffle=shuffle,
+        everything = rank_segments(self.catalog.counts, seed=self.cfg.seed, epoch=self.epoch, rank=0, world_size=1,
+                                   shuffle=shuffle)
+        plan = _EpochPlan(self.catalog, segments, seed=self.cfg.seed, epoch=self.epoch, shuffle=shuffle,
                           start=self.position, batch_size=self.cfg.batch_size,
-                          n_batches=self._epoch_batches() if self.cfg.drop_last else -1)
+                          n_batches=self._epoch_batches() if self.cfg.drop_last else -1,
+                          epoch_segments=everything, offset=self.rank * self.total_samples // self.world_size)
+        self._vanished(self.catalog.refs[s].path for s in plan.missing)
+        return plan
+
+    def _vanished(self, paths) -> None:
+        """Warn once per shard that disappeared from disk during the run, and count it."""
+        for path in sorted({p[:-4] + ".tar" if p.endswith(".idx") else p for p in paths}):  # a trusted shard's .idx
+            if path in self._gone:
+                continue
+            self._gone.add(path)
+            self.runtime["vanished_shards"] += 1
+            warnings.warn(f"shard {path} is gone from disk; its samples are skipped and replaced by others "
+                          f"(counted in loader.stats['runtime'])", RuntimeWarning, stacklevel=3)
 
     # ---- state
     def set_epoch(self, epoch: int) -> None:
@@ -763,11 +903,13 @@ class _Loader:
         """Skip counters: dataset-wide validation counts, and this rank's run-time counts."""
         return {"skipped": dict(self.catalog.skipped), "repaired": dict(self.catalog.repaired),
                 "skipped_at_make_shards": dict(self.catalog.skipped_at_make_shards),
-                "runtime": dict(self.runtime), "delivered": self.delivered}
+                "runtime": dict(self.runtime), "vanished": sorted(self._gone), "delivered": self.delivered}
 
     def log_dict(self) -> dict:
         out = {}
         for group, values in self.stats.items():
+            if isinstance(values, list):
+                continue  # names (stats["vanished"]): counted in runtime
             if isinstance(values, dict):
                 out.update({f"data/{group}/{k}": v for k, v in values.items()})
             else:
@@ -806,8 +948,9 @@ class PyTorchLoader(_Loader):
         loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers,
                                              prefetch_factor=self.cfg.prefetch if workers else None,
                                              pin_memory=_device(self.cfg).type == "cuda")
-        for images, tokens, keys, consumed, errors in loader:
+        for images, tokens, keys, consumed, errors, missing in loader:
             self.runtime.update(errors)
+            self._vanished(missing)
             yield images, tokens, keys, consumed
 
 
@@ -951,30 +1094,37 @@ class DaliLoader(_Loader):
             pipe.schedule_run()  # the first call schedules `depth` iterations
             scheduled = self._depth(plan)
             for b in range(plan.num_batches):
-                idx = plan.batch_range(b)
-                tokens, keys = next(captions)
+                n_b = len(plan.batch_range(b))
+                caption_batch = next(captions)
                 if b > 0 and scheduled < plan.num_batches:
                     pipe.schedule_run()
                     scheduled += 1
+                failure = None
                 try:
                     (out,) = pipe.outputs()
-                    images = self._to_torch(out)[:len(idx)]
+                    images = self._to_torch(out)[:n_b]
                 except Exception as exc:  # noqa: BLE001 - DALI raises RuntimeError for a bad batch
+                    failure = str(exc).splitlines()[-1][:200]
+                if caption_batch is None and failure is None:
+                    failure = "a caption could not be read"
+                if failure is not None:
                     # Only this batch is lost inside DALI (its pipeline carries on with the next):
-                    # decode it again with Pillow, dropping what Pillow cannot decode either.
+                    # decode it again with Pillow, replacing what Pillow cannot read or decode either.
                     self.runtime["dali_failed_batches"] += 1
                     if self.runtime["dali_failed_batches"] == 1:
-                        warnings.warn(f"DALI failed on a batch ({str(exc).splitlines()[-1][:200]}); decoding it with "
-                                      f"Pillow instead. Counted in loader.stats['runtime'].", RuntimeWarning)
+                        warnings.warn(f"DALI failed on a batch ({failure}); decoding it with Pillow instead. "
+                                      f"Counted in loader.stats['runtime'].", RuntimeWarning)
                     if fallback is None:
                         fallback = self._pillow(plan, None)
-                    images, kept, errors = fallback.decode(list(idx))
+                    images, used, texts, errors, missing = fallback.decode(b)
                     self.runtime.update(errors)
-                    self.runtime["fallback_decoded"] += len(kept)
-                    keep = [j - idx.start for j in kept]
-                    tokens, keys = tokens[keep], [keys[j] for j in keep]
+                    self._vanished(missing)
+                    self.runtime["fallback_decoded"] += len(used)
+                    tokens, keys = _tokenize(self.tokenizer, texts), [plan.key(i) for i in used]
                     images = images.to(_device(self.cfg))
-                yield images, tokens, keys, len(idx)
+                else:
+                    tokens, keys = caption_batch
+                yield images, tokens, keys, n_b
         finally:
             if isinstance(captions, _ThreadAhead):
                 captions.close()

@@ -56,6 +56,7 @@ def run(args) -> int:
         return 2
     init_distributed()  # registers the group's teardown at exit
     from .checkpoint import CheckpointError
+    from .data import DataError
 
     try:
         cfg.validate(dist.get_world_size())
@@ -63,6 +64,9 @@ def run(args) -> int:
     except (ConfigError, CheckpointError) as exc:
         print(f"clipforge train: {exc}", file=sys.stderr)
         return 2
+    except DataError as exc:  # e.g. an epoch with no usable sample left: one sentence, no traceback
+        print(f"clipforge train: {exc}", file=sys.stderr)
+        return 1
 
 
 # ------------------------------------------------------------------------------ distributed
@@ -279,6 +283,9 @@ def train(cfg: TrainConfig, resume: str | None = None, grad_hook=None) -> int:
         log.close()
     if status == 0 and cfg.checkpointing.save_final and last_saved != trainer.step:
         save(trainer, cfg)
+    report = trainer.data_report()  # collective
+    if rank == 0 and report is not None:
+        _report_data(report, cfg.output_dir)
     weights = trainer.full_state_dict(rank0_only=True)  # collective under ZeRO 3
     if rank == 0:
         save_state_dict(weights, trainer.model_config, os.path.join(cfg.output_dir, "model.safetensors"))
@@ -286,6 +293,19 @@ def train(cfg: TrainConfig, resume: str | None = None, grad_hook=None) -> int:
             plot_loss_curve(log.path, os.path.join(cfg.output_dir, "loss_curve.png"))
     dist.barrier()
     return status
+
+
+def _report_data(report: dict, output_dir: str) -> None:
+    """data_stats.json, and one line on stderr when any sample was skipped, replaced or lost."""
+    with open(os.path.join(output_dir, "data_stats.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    parts = [f"{name} {dict(report[name])}" for name in ("skipped", "skipped_at_make_shards", "runtime")
+             if report.get(name)]
+    if report.get("vanished"):
+        parts.append(f"shards gone from disk: {', '.join(report['vanished'])}")
+    if parts:
+        print(f"clipforge train: data: {'; '.join(parts)} (run-time counts summed over ranks; "
+              f"{os.path.join(output_dir, 'data_stats.json')})", file=sys.stderr)
 
 
 def _write_resolved_config(cfg: TrainConfig, world_size: int) -> None:

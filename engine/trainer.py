@@ -163,6 +163,11 @@ class ShardBatches:
         self.loader.load_state_dict(state)
         self._iter = None
 
+    @property
+    def stats(self) -> dict:
+        """The training loader's counters (clipforge.data's `loader.stats`)."""
+        return self.loader.stats
+
 
 # ------------------------------------------------------------------------------- optimisation
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -503,6 +508,28 @@ class Trainer:
             return None
         scale = getattr(self.optimizer, "cur_scale", None) or getattr(self.optimizer, "loss_scale", None)
         return _float_or_none(scale)
+
+    def data_report(self) -> dict | None:
+        """The data's skip counts (data-set wide, from validation) and its run-time counters summed
+        over ranks (a collective: every rank calls it); None for in-memory data."""
+        stats = getattr(self.data, "stats", None)
+        if stats is None:
+            return None
+        from .data import RUNTIME_COUNTERS
+
+        counters = [k for k in RUNTIME_COUNTERS if k != "vanished_shards"]
+        runtime = torch.tensor([float(stats["runtime"].get(k, 0)) for k in counters], device=self.device)
+        vanished = [stats["vanished"]]
+        if self.world_size > 1:
+            dist.all_reduce(runtime, group=self.group)
+            vanished = [None] * self.world_size
+            dist.all_gather_object(vanished, stats["vanished"], group=self.group)
+        report = {k: v for k, v in stats.items() if k not in ("runtime", "delivered", "vanished")}
+        report["runtime"] = {k: int(v) for k, v in zip(counters, runtime.tolist()) if v}
+        report["vanished"] = sorted({path for paths in vanished for path in paths})
+        if report["vanished"]:
+            report["runtime"]["vanished_shards"] = len(report["vanished"])
+        return report
 
     # ----------------------------------------------------------------------------- evaluation
     @torch.no_grad()

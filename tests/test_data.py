@@ -261,9 +261,11 @@ def test_dali_runs_exactly_the_epochs_iterations(tmp_path, monkeypatch, n, prefe
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_sample_that_broke_after_validation_is_dropped_and_counted(tmp_path, backend):
-    """A real decode failure at run time (no injection): the PyTorch path drops the sample; DALI fails
-    the batch, carries on with the next one, and Pillow re-decodes that batch without the sample."""
+def test_a_sample_that_broke_after_validation_is_replaced_and_counted(tmp_path, backend):
+    """A real decode failure at run time (no injection): the batch stays full, the bad sample replaced
+    by the first candidate after its batch (k8, which then comes again in its own batch). The PyTorch
+    path replaces it in its worker; DALI fails the batch, carries on with the next one, and Pillow
+    re-decodes that batch with the replacement."""
     folder = tmp_path / "s"
     folder.mkdir()
     write_tar(str(folder / "a.tar"), [(f"k{i}", {"jpg": solid_jpeg(i), "txt": caption_of(i)}) for i in range(10)])
@@ -280,11 +282,15 @@ def test_a_sample_that_broke_after_validation_is_dropped_and_counted(tmp_path, b
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         keys, tokens, images = run_epoch(loader)
-    assert keys == [f"k{i}" for i in range(10) if i != 5]
-    assert tokens[:, 0].tolist() == [i for i in range(10) if i != 5]
-    expected = {"decode_error": 1}
+    want = [0, 1, 2, 3, 4, 8, 6, 7, 8, 9]
+    assert keys == [f"k{i}" for i in want]
+    assert tokens[:, 0].tolist() == want
+    colours = pixels(images).mean(dim=(2, 3))
+    for tok, col in zip(want, colours):
+        assert (col - torch.tensor(expected_color(tok, "good"), dtype=torch.float32)).abs().max() < 6
+    expected = {"decode_error": 1, "replaced": 1}
     if backend == "dali":  # batch 1 (k4..k7) failed in DALI; batches 0 and 2 came from DALI itself
-        expected.update(dali_failed_batches=1, fallback_decoded=3)
+        expected.update(dali_failed_batches=1, fallback_decoded=4)
     assert loader.stats["runtime"] == expected
 
 
@@ -334,6 +340,46 @@ def test_member_names_with_spaces_unicode_and_dots(tmp_path, backend):
     colours = pixels(images).mean(dim=(2, 3))
     for k, tok, col in zip(keys, tokens[:, 0].tolist(), colours):
         assert names.index(k) == tok and (col - torch.tensor(color_of(tok), dtype=torch.float32)).abs().max() < 6
+
+
+def _corrupted_after_validation(tmp_path, backend, bad, n=10, **kw):
+    """A loader over one tar of n solid JPEGs whose samples `bad` are zeroed in place after the catalog
+    was built (same sizes: the catalog still points at them, only decoding can tell)."""
+    folder = tmp_path / "s"
+    folder.mkdir(exist_ok=True)
+    write_tar(str(folder / "a.tar"), [(f"k{i}", {"jpg": solid_jpeg(i), "txt": caption_of(i)}) for i in range(n)])
+    catalog = data.build_catalog(str(folder), cache_dir=str(tmp_path / "c"))
+    shard = catalog.shard(0)
+    with open(folder / "a.tar", "r+b") as f:
+        for k in bad:
+            row = shard.table[shard.keys.index(f"k{k}")]
+            f.seek(int(row["img_off"]) + 2)
+            f.write(b"\x00" * (int(row["img_size"]) - 2))
+    cfg = DataConfig(shards=str(folder), batch_size=4, backend=backend, num_threads=0 if backend == "pytorch" else 1,
+                     cache_dir=str(tmp_path / "c"), **kw)
+    return lambda start=0: build_train_loader(cfg, 0, 1, 3, start, SIZE, id_tokenizer, with_keys=True,
+                                              catalog=catalog)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_replacements_resume_exactly(tmp_path, backend):
+    make = _corrupted_after_validation(tmp_path, backend, bad=[2, 7], n=12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        full = run_epoch(make())[0]
+        loader = make()
+        first = next(iter(loader))[2]
+        rest = run_epoch(make(loader.state_dict()["position"]))[0]
+    assert len(full) == 12 and first + rest == full and "k2" not in full and "k7" not in full
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_epoch_with_nothing_usable_stops_with_one_sentence(tmp_path, backend):
+    make = _corrupted_after_validation(tmp_path, backend, bad=range(6), n=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with pytest.raises(data.DataError, match=r"no sample of epoch 3 can replace a bad one: all 6 were tried"):
+            run_epoch(make())
 
 
 def test_make_shards_output_is_trusted_and_read_by_both(raw, tmp_path):

@@ -553,5 +553,55 @@ def _probe(out: str, config: str) -> None:
     dist.barrier()
 
 
+def _damage(shards: str, config: str) -> None:
+    """One rank of the hostile-data test: the real training loop; during step 3 rank 0 deletes shard
+    00002.tar and overwrites the JPEG data of every sample of shard 00001 in place (same sizes, so the
+    validated catalog still points at them), then both ranks go on."""
+    import torch.distributed as dist
+
+    from clipforge.train import init_distributed, train
+    from clipforge.train_config import TrainConfig
+
+    init_distributed()
+
+    def hook(trainer):
+        if trainer.step == 2:
+            if dist.get_rank() == 0:
+                os.remove(os.path.join(shards, "00002.tar"))
+                shard = trainer.data.loader.catalog.shard(1)
+                with open(os.path.join(shards, "00001.tar"), "r+b") as f:
+                    for row in shard.table:
+                        f.seek(int(row["img_off"]) + 2)
+                        f.write(b"\x00" * (int(row["img_size"]) - 2))
+            dist.barrier()
+
+    assert train(TrainConfig.load(config), grad_hook=hook) == 0
+
+
+@pytest.mark.parametrize("loader", ["pytorch", "dali"])
+def test_corrupt_images_and_a_deleted_shard_mid_run_do_not_stop_two_ranks(tmp_path, loader):
+    """A bad sample never stops a run: images that break and a shard that vanishes mid-run are
+    replaced (the batches stay full, every rank in step), warned about and counted in data_stats.json."""
+    if loader == "dali":
+        pytest.importorskip("nvidia.dali")
+    shards = tmp_path / "shards"
+    _write_shards(shards, n_shards=3, per_shard=12)
+    config = write_config(tmp_path, "hostile", data={"kind": "webdataset", "path": str(shards), "loader": loader,
+                                                     "num_workers": 0 if loader == "pytorch" else 1,
+                                                     "cache_dir": str(tmp_path / "cache")},
+                          batch={"global_size": 8, "micro_size": 4}, max_steps=10,
+                          schedule={"warmup_steps": 1, "total_steps": 10})
+    outputs = run_two_ranks(config, script=[os.path.abspath(__file__), "damage"], extra=[str(shards)])
+    metrics = read_metrics(tmp_path / "hostile")
+    assert [r["step"] for r in metrics] == list(range(1, 11)) and all(math.isfinite(r["loss"]) for r in metrics)
+    report = json.loads((tmp_path / "hostile" / "data_stats.json").read_text())["runtime"]
+    assert report["vanished_shards"] >= 1 and report["decode_error"] >= 1, report
+    assert report["replaced"] >= report["decode_error"], report
+    assert "00002.tar is gone from disk" in "".join(outputs)
+    assert "clipforge train: data:" in outputs[0] and "vanished_shards" in outputs[0]
+
+
 if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "probe":
     _probe(sys.argv[2], sys.argv[4])  # probe OUT --config CONFIG
+if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "damage":
+    _damage(sys.argv[2], sys.argv[4])  # damage SHARDS --config CONFIG
