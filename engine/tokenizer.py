@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import heapq
 import html
 import importlib.resources
 import numbers
@@ -52,6 +53,16 @@ _WORD_PATTERN = regex.compile(
 # than \t \n \r (\r is turned into \n, which the whitespace collapse makes equivalent).
 # tests/test_tokenizer.py checks this against ftfy on random ASCII.
 _NEEDS_NO_FIX = regex.compile(r"[\t\n\r\x20-\x25\x27-\x7e]*")
+# Bounded work for any text (a 1 MB caption of one word made BPE, quadratic in a word's length, run
+# for minutes): `tokenize` reads at most MAX_TEXT_CHARS characters of a text and gives BPE at most
+# MAX_WORD_CHARS characters of a word, and stops once a row is full. Real text reaches 75 tokens long
+# before 16,384 characters, and BPE's first 75 tokens of a longer word do not depend on what follows
+# its first 4,096 characters (75 tokens are ~140 characters of random letters, ~600 of run-together
+# English; tests/test_tokenizer.py compares such words of up to 6,000 characters with OpenCLIP's
+# tokenizer), so rows are unchanged. truncate=False reads a text to the same bounds for its error.
+MAX_TEXT_CHARS = 16384
+MAX_WORD_CHARS = 4096
+_LONG_WORD = 48  # characters from which BPE takes its heap form (SimpleTokenizer._bpe_heap)
 
 
 @functools.lru_cache(maxsize=None)
@@ -130,6 +141,8 @@ class SimpleTokenizer:
     # -- BPE ---------------------------------------------------------------------------------------
     def bpe(self, word: str) -> list[str]:
         """Merge the byte symbols of one word (already byte-encoded) by rank until no merge applies."""
+        if len(word) > _LONG_WORD:
+            return self._bpe_heap(word)
         symbols = list(word[:-1]) + [word[-1] + "</w>"]
         ranks = self.bpe_ranks
         while len(symbols) > 1:
@@ -153,6 +166,45 @@ class SimpleTokenizer:
             symbols = merged
         return symbols
 
+    def _bpe_heap(self, word: str) -> list[str]:
+        """The same merges in O(n log n) for long words (the loop above rescans every pair after each
+        merge: O(n^2), seconds at 10k characters). A heap holds every mergeable adjacent pair by (rank,
+        position of its left symbol). Taking them in that order is the loop's order: all occurrences
+        of the best pair left to right, non-overlapping (an entry whose symbols changed is stale), and
+        a merge of rank r only creates pairs of rank > r (a merge that uses the new symbol comes later
+        in the merge list), so no pending pair of rank r is ever preceded by a newer one."""
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        n = len(symbols)
+        ranks = self.bpe_ranks
+        nxt = list(range(1, n + 1))
+        nxt[-1] = -1
+        prv = list(range(-1, n - 1))
+        heap = [(r, i, symbols[i], symbols[i + 1]) for i in range(n - 1)
+                if (r := ranks.get((symbols[i], symbols[i + 1]))) is not None]
+        heapq.heapify(heap)
+        while heap:
+            _, i, a, b = heapq.heappop(heap)
+            j = nxt[i]
+            if symbols[i] != a or j == -1 or symbols[j] != b:
+                continue  # stale: a neighbour merged since this entry was pushed
+            symbols[i], symbols[j] = a + b, None
+            k = nxt[i] = nxt[j]
+            if k != -1:
+                prv[k] = i
+                r = ranks.get((symbols[i], symbols[k]))
+                if r is not None:
+                    heapq.heappush(heap, (r, i, symbols[i], symbols[k]))
+            p = prv[i]
+            if p != -1:
+                r = ranks.get((symbols[p], symbols[i]))
+                if r is not None:
+                    heapq.heappush(heap, (r, p, symbols[p], symbols[i]))
+        out, i = [], 0
+        while i != -1:
+            out.append(symbols[i])
+            i = nxt[i]
+        return out
+
     def _word_ids(self, word: str) -> tuple[int, ...]:
         ids = self._cache.get(word)
         if ids is None:
@@ -169,12 +221,21 @@ class SimpleTokenizer:
         """The cleaned text split into BPE words (before byte encoding)."""
         return _WORD_PATTERN.findall(_clean(text))
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of one text, without SOT / EOT."""
+    def encode(self, text: str, limit: int | None = None) -> list[int]:
+        """Token ids of one text, without SOT / EOT. With `limit`, only what a row of `limit` tokens
+        needs: the first MAX_TEXT_CHARS characters, words cut to MAX_WORD_CHARS for BPE, and no word
+        after the one that passes `limit` tokens (the result then has more than `limit` ids when the
+        text is longer, at most `limit` plus one word's)."""
         cache, ids = self._cache, []
+        if limit is not None:
+            text = text[:MAX_TEXT_CHARS]
         for word in _WORD_PATTERN.findall(_clean(text)):
+            if limit is not None and len(word) > MAX_WORD_CHARS:
+                word = word[:MAX_WORD_CHARS]
             hit = cache.get(word)
             ids.extend(hit if hit is not None else self._word_ids(word))
+            if limit is not None and len(ids) > limit:
+                break
         return ids
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -197,13 +258,15 @@ class SimpleTokenizer:
             if not isinstance(text, str):
                 raise TypeError(f"text {index} is a {type(text).__name__}, not a str")
             ids = [SOT_ID]
-            ids += self.encode(text)
+            # truncate: a row's worth (bounded work); else the whole text, within the same bounds
+            ids += self.encode(text, limit=context_length - 2 if truncate else max(len(text), context_length))
             ids.append(EOT_ID)
             if len(ids) > context_length:
                 if not truncate:
+                    at_least = "at least " if len(text) > MAX_TEXT_CHARS else ""
                     raise ValueError(
-                        f"text {index} is {len(ids)} tokens long with SOT and EOT, more than context_length="
-                        f"{context_length}; shorten it or pass truncate=True"
+                        f"text {index} is {at_least}{len(ids)} tokens long with SOT and EOT, more than "
+                        f"context_length={context_length}; shorten it or pass truncate=True"
                     )
                 ids = ids[:context_length]
                 ids[-1] = EOT_ID

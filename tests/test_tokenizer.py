@@ -95,6 +95,73 @@ def test_truncate_false_raises_with_index_and_length():
     assert exact[0, -1] == tk.EOT_ID
 
 
+def _long_words(seed=0):
+    """Words long enough to make BPE's quadratic loop slow: random letters, run-together English,
+    a mixed alphabet with multi-byte symbols, a near-periodic run (heavy on equal-rank merges)."""
+    rng = random.Random(seed)
+    english = "thequickbrownfoxjumpsoverthelazydoginternationalizationandmisunderstandings"
+    return {
+        "letters": "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(6000)),
+        "english": (english * 90)[:6000],
+        "mixed": "".join(rng.choice("abcé猫ßø") for _ in range(5000)),
+        "periodic": ("ab" * 1500 + "aab" * 500)[:5000],
+    }
+
+
+def test_long_words_match_openclip(reference):
+    # beyond MAX_WORD_CHARS (4096) only the first 4096 characters reach BPE: the 77-token row must not
+    # change (OpenCLIP tokenizes the whole word, in ~1 s each)
+    words = _long_words()
+    assert all(len(w) > tk.MAX_WORD_CHARS for w in words.values())
+    texts = list(words.values()) + [f"a photo of {w} and more" for w in words.values()]
+    ours, theirs = clipforge.tokenize(texts), reference(texts)
+    assert torch.equal(ours, theirs), _diff(ours, theirs, texts)
+
+
+def test_heap_bpe_equals_the_merge_loop():
+    # the O(n log n) form long words take must merge exactly as the loop does
+    tok = tk.get_tokenizer()
+    rng = random.Random(3)
+    alphabet = "abcdefghijklmnopqrstuvwxyzé猫0!"
+    for _ in range(400):
+        letters = alphabet[:rng.randint(2, len(alphabet))]
+        word = "".join(rng.choice(letters) for _ in range(rng.randint(2, 200)))
+        enc = word.encode("utf-8").decode("latin-1").translate(tok._byte_table)
+        symbols = list(enc[:-1]) + [enc[-1] + "</w>"]
+        loop = tok.bpe(enc) if len(enc) <= tk._LONG_WORD else None
+        if loop is None:  # run the loop form by hand on a long word
+            saved, tk._LONG_WORD = tk._LONG_WORD, 10**9
+            try:
+                loop = tok.bpe(enc)
+            finally:
+                tk._LONG_WORD = saved
+        assert tok._bpe_heap(enc) == loop, word
+        assert "".join(loop) == "".join(symbols)
+
+
+def test_a_megabyte_caption_is_bounded_work(reference):
+    import time
+
+    rng = random.Random(7)
+    word = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(1_000_000))
+    clipforge.tokenize("warm up")  # the vocabulary is read once
+    cases = {  # text -> the text cut to what tokenize reads, for the reference (1 MB takes it hours)
+        word: word[:tk.MAX_WORD_CHARS],
+        "a photo of " + word: "a photo of " + word[:tk.MAX_WORD_CHARS],
+        "&amp;" * 200_000: None,
+        "\u732b" * 1_000_000: None,
+        "a " * 500_000: None,
+    }
+    for text, cut in cases.items():
+        start = time.perf_counter()
+        ours = clipforge.tokenize(text)
+        elapsed = time.perf_counter() - start
+        assert elapsed < 0.1, f"{text[:12]!r}... ({len(text)} characters) took {elapsed:.3f} s"
+        if cut is not None:
+            assert torch.equal(ours, reference([cut])), text[:30]
+    assert clipforge.tokenize("a " * 500_000)[0, 1:76].eq(320).all()  # "a" x 75, then EOT
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="context_length"):
         clipforge.tokenize("x", context_length=1)
