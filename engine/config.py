@@ -147,12 +147,19 @@ class VisionConfig:
         return self.width * 32 // 64 if self.is_resnet else self.width // 64
 
     def validate(self, prefix: str = "vision") -> None:
+        _positive(f"{prefix}.width", self.width)
+        _positive(f"{prefix}.image_size", self.image_size)
+        if self.heads is not None:
+            _positive(f"{prefix}.heads", self.heads)
         if self.is_resnet:
             if len(self.layers) != 4:
                 raise ConfigError(f"config key '{prefix}.layers' needs 4 stage depths for a ResNet, got {self.layers}")
+            for depth in self.layers:
+                _positive(f"{prefix}.layers", depth)
             if self.image_size % 32:
                 raise ConfigError(f"config key '{prefix}.image_size' must be a multiple of 32 for a ResNet")
         else:
+            _positive(f"{prefix}.layers", self.layers)
             if not self.patch_size:
                 raise ConfigError(f"config key '{prefix}.patch_size' is required for a vision transformer")
             if self.image_size % self.patch_size:
@@ -168,6 +175,15 @@ class TextConfig:
     layers: int = 12
     mlp_ratio: float = 4.0
 
+    def validate(self, prefix: str = "text") -> None:
+        for key in ("context_length", "vocab_size", "width", "heads", "layers"):
+            _positive(f"{prefix}.{key}", getattr(self, key))
+
+
+def _positive(key: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"config key '{key}' must be a positive integer, got {value!r}")
+
 
 @dataclass
 class CLIPConfig:
@@ -181,6 +197,8 @@ class CLIPConfig:
 
     def __post_init__(self):
         self.vision.validate()
+        self.text.validate()
+        _positive("embed_dim", self.embed_dim)
         if self.vision.is_resnet:
             self.vision.layers = tuple(self.vision.layers)
 

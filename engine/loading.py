@@ -91,7 +91,21 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
 
 
-def _flatten_script_state(obj: Any, prefix: str, out: dict[str, torch.Tensor]) -> None:
+# Bounds of a TorchScript archive's module tree: far above any CLIP's (ViT-bigG: ~2,000 tensors,
+# depth ~6), far below what a hostile archive can make of shared references (a 2 KB pickle of dicts
+# nested 40 deep, each referring twice to the next, is 2^40 paths: walking it hung `load`).
+_MAX_DEPTH = 64
+_MAX_TENSORS = 200_000
+
+
+def _flatten_script_state(obj: Any, prefix: str, out: dict[str, torch.Tensor], seen: set | None = None,
+                          depth: int = 0) -> None:
+    seen = set() if seen is None else seen
+    if id(obj) in seen:  # a shared (or cyclic) submodule is walked once: linear in the archive's size
+        return
+    if depth > _MAX_DEPTH:
+        raise CheckpointError(f"the archive's module tree is nested deeper than {_MAX_DEPTH} levels; refusing it")
+    seen.add(id(obj))
     state = obj.state if isinstance(obj, _ScriptObject) else obj
     if isinstance(state, tuple) and state and isinstance(state[0], dict):
         state = state[0]
@@ -101,8 +115,10 @@ def _flatten_script_state(obj: Any, prefix: str, out: dict[str, torch.Tensor]) -
         name = f"{prefix}{key}"
         if isinstance(value, torch.Tensor):
             out[name] = value
+            if len(out) > _MAX_TENSORS:
+                raise CheckpointError(f"the archive holds more than {_MAX_TENSORS} tensors; refusing it")
         elif isinstance(value, (_ScriptObject, dict)):
-            _flatten_script_state(value, name + ".", out)
+            _flatten_script_state(value, name + ".", out, seen, depth + 1)
 
 
 def _read_torchscript(path: str, zf: zipfile.ZipFile) -> dict[str, torch.Tensor]:
@@ -119,6 +135,18 @@ def _read_torchscript(path: str, zf: zipfile.ZipFile) -> dict[str, torch.Tensor]
 
 def _is_torchscript(zf: zipfile.ZipFile) -> bool:
     return any(n.endswith("/constants.pkl") or "/code/" in n for n in zf.namelist())
+
+
+def _check_zip(path: str, zf: zipfile.ZipFile) -> None:
+    """Refuse, before reading any record, an archive whose records would inflate far beyond the file:
+    torch.save and TorchScript store their records uncompressed, so their total is about the file's
+    size; a 3 MB zip of deflated zeros made torch.load allocate 3 GB."""
+    size = os.path.getsize(path)
+    total = sum(info.file_size for info in zf.infolist())
+    if total > 2 * size + (64 << 20):
+        raise CheckpointError(
+            f"{path}: its zip records would inflate to {total / 2**30:.1f} GiB from a {size / 2**20:.1f} MiB file; "
+            "torch and TorchScript checkpoints store tensors uncompressed, so this is not one (a zip bomb?)")
 
 
 # ----------------------------------------------------------------------------- files
@@ -140,6 +168,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
             return sd, cfg
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as zf:
+                _check_zip(path, zf)
                 if _is_torchscript(zf):
                     return _read_torchscript(path, zf), None
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -274,13 +303,58 @@ def load(
         cfg = infer_config(sd, quick_gelu=True if quick_gelu is None else quick_gelu)
     if quick_gelu is not None:
         cfg.quick_gelu = quick_gelu
+    _check_layers(cfg, sd, where)  # before any module is built: a config can declare millions of layers
     with torch.device("meta"):
         model = CLIP(cfg)
+    _check_size(model, sd, where)  # before any memory is allocated
     model = model.to_empty(device="cpu")
     _reset_buffers(model)
     load_state_dict_strict(model, sd, where)
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     return model.eval()
+
+
+def _layer_counts(sd: Mapping[str, Any]) -> dict[str, int]:
+    counts = {"text": _count(sd, r"transformer\.resblocks\.(\d+)\."),
+              "vision": _count(sd, r"visual\.transformer\.resblocks\.(\d+)\.")}
+    for b in (1, 2, 3, 4):
+        counts[f"layer{b}"] = _count(sd, rf"visual\.layer{b}\.(\d+)\.")
+    return counts
+
+
+def _check_layers(cfg: CLIPConfig, sd: Mapping[str, Any], where: str) -> None:
+    """The layers the config declares must be among the tensors' (a 500-byte safetensors file whose
+    stored config declared 10 million layers took minutes and gigabytes to build before the key check)."""
+    have = _layer_counts(sd)
+    declared = {"text": cfg.text.layers}
+    if cfg.vision.is_resnet:
+        declared.update({f"layer{b}": n for b, n in zip((1, 2, 3, 4), cfg.vision.layers)})
+    else:
+        declared["vision"] = cfg.vision.layers
+    over = {k: (n, have[k]) for k, n in declared.items() if n > have[k]}
+    if over:
+        detail = ", ".join(f"{n} {k} layers, the tensors {h}" for k, (n, h) in over.items())
+        raise CheckpointError(f"{where}: the model config declares {detail}; the config does not fit these "
+                              "weights (check model_name / config, or the stored config)")
+    # a lower bound of the parameters (attention + MLP of every block, the token embedding): a width of
+    # millions is refused here, before even the meta-device model is built
+    t, v = cfg.text, cfg.vision
+    least = t.layers * (4 + 2 * t.mlp_ratio) * t.width ** 2 + t.vocab_size * t.width
+    least += sum(v.layers) * v.width ** 2 if v.is_resnet else v.layers * (4 + 2 * v.mlp_ratio) * v.width ** 2
+    have_values = sum(x.numel() for x in sd.values())
+    if least > 2 * have_values + (1 << 20):
+        raise CheckpointError(f"{where}: the model config needs at least {int(least):,} parameters, the file holds "
+                              f"{have_values:,} values; the config does not fit these weights")
+
+
+def _check_size(model: CLIP, sd: Mapping[str, torch.Tensor], where: str) -> None:
+    """The model (on the meta device: no memory yet) cannot need many more parameters than the file
+    holds (a near miss goes on to the key check, which names the keys)."""
+    need = sum(p.numel() for p in model.parameters())
+    have = sum(t.numel() for t in sd.values())
+    if need > 2 * have + (1 << 20):
+        raise CheckpointError(f"{where}: the model config needs {need:,} parameters, the file holds {have:,} values; "
+                              "the config does not fit these weights")
 
 
 def _reset_buffers(model: CLIP) -> None:

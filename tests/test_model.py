@@ -278,6 +278,91 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path):
     assert not marker.exists()
 
 
+def _hostile_checkpoint(kind: str, folder) -> str:
+    """A small file built to hang `load` or blow up its memory, each of a kind once seen to."""
+    import collections
+    import io
+    import json
+    import zipfile
+
+    path = str(folder / f"{kind}.{'safetensors' if kind.startswith('config') else 'pt'}")
+    if kind == "shared-tree":  # a TorchScript-looking archive whose module tree is 2^40 paths of 2 KB
+        tree = {"w": torch.zeros(1)}
+        for _ in range(40):
+            tree = collections.OrderedDict(a=tree, b=tree)
+        buf = io.BytesIO()
+        torch.save(tree, buf)
+        src = zipfile.ZipFile(io.BytesIO(buf.getvalue()))
+        with zipfile.ZipFile(path, "w") as out:
+            for name in src.namelist():
+                out.writestr(zipfile.ZipInfo(name), src.read(name))
+            out.writestr(zipfile.ZipInfo(src.namelist()[0].split("/")[0] + "/code/__torch__.py"), "")
+    elif kind == "zip-bomb":  # torch.save's layout with its one tensor record deflated: 1 MB -> 1 GiB
+        buf = io.BytesIO()
+        torch.save({"visual.proj": torch.zeros(1)}, buf)
+        src = zipfile.ZipFile(io.BytesIO(buf.getvalue()))
+        with zipfile.ZipFile(path, "w") as out:
+            for name in src.namelist():
+                if name.endswith("/data/0"):
+                    info = zipfile.ZipInfo(name)
+                    info.compress_type = zipfile.ZIP_DEFLATED
+                    with out.open(info, "w", force_zip64=True) as f:
+                        zeros = bytes(1 << 24)
+                        for _ in range(64):
+                            f.write(zeros)
+                else:
+                    out.writestr(zipfile.ZipInfo(name), src.read(name))
+    else:  # a stored config of 10 million layers, or of width 1 million, over one tensor
+        from safetensors.torch import save_file
+
+        cfg = clipforge.create_model("tiny-vit").config.to_dict()
+        tensors = {"visual.proj": torch.zeros(1)}
+        if kind == "config-layers":
+            cfg["vision"]["layers"] = 10_000_000
+        else:  # the layer keys are there, one element each; the width asks for ~10^13 parameters
+            cfg["vision"]["width"] = cfg["text"]["width"] = 1_048_576
+            for i in range(cfg["vision"]["layers"]):
+                tensors[f"visual.transformer.resblocks.{i}.ln_1.weight"] = torch.zeros(1)
+            for i in range(cfg["text"]["layers"]):
+                tensors[f"transformer.resblocks.{i}.ln_1.weight"] = torch.zeros(1)
+        save_file(tensors, path, metadata={"clipforge_config": json.dumps(cfg)})
+    return path
+
+
+_LOAD_CHILD = """
+import resource, sys, time, clipforge
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+before = status("VmRSS")
+open("/proc/self/clear_refs", "w").write("5")
+t = time.perf_counter()
+try:
+    clipforge.load(sys.argv[1])
+    print("LOADED")
+except clipforge.loading.CheckpointError as exc:
+    print("REFUSED", exc)
+print(f"SECONDS {time.perf_counter() - t:.3f} EXTRA_MB {(status('VmHWM') - before) / 1024:.1f}")
+"""
+
+
+@pytest.mark.parametrize("kind", ["shared-tree", "zip-bomb", "config-layers", "config-width"])
+def test_hostile_checkpoints_are_refused_within_a_second_and_100mb(tmp_path, kind):
+    import subprocess
+    import sys
+
+    path = _hostile_checkpoint(kind, tmp_path)
+    assert os.path.getsize(path) < 2 << 20
+    run = subprocess.run([sys.executable, "-c", _LOAD_CHILD, path], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = run.stdout
+    assert "REFUSED" in out, out
+    seconds = float(out.split("SECONDS ")[1].split()[0])
+    extra = float(out.split("EXTRA_MB ")[1].split()[0])
+    assert seconds < 1.0 and extra < 100, out
+
+
 def test_missing_and_misshaped_keys_are_named():
     sd = clipforge.create_model("tiny-vit").state_dict()
     del sd["ln_final.bias"]
