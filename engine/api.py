@@ -74,10 +74,13 @@ def load_image(item: Any, index: int | None = None):
     from .shards import pil_to_rgb
 
     if isinstance(item, (str, os.PathLike)):
-        path = os.fspath(item)
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
+        from .shards import UnreadableFile, read_file
+
+        path = item if isinstance(item, str) else os.fspath(item)
+        try:  # a pipe, a device, a link out of the listed folder or a huge file: refused, never read
+            data = read_file(path)
+        except UnreadableFile as exc:
+            raise ImageReadError(f"cannot read {_describe(item, index)}: {str(exc).split(': ', 1)[-1]}") from None
         except OSError as exc:
             raise ImageReadError(f"cannot read {_describe(item, index)}: {exc.strerror or exc}") from None
         try:

@@ -44,7 +44,11 @@ Bad samples (the robustness design)
 -----------------------------------
 1. `clipforge make-shards` validates every sample (Pillow verify + decode, JPEG marker walk, caption
    UTF-8 and non-empty) and writes only RGB/gray baseline-or-progressive JPEGs; its stats.json marks
-   the shards validated, with their sizes. Such shards are read through their .idx files, unchecked.
+   the shards validated, with their sizes and SHA-256. A shard whose bytes hash to its recorded value
+   (checked once per file version on each machine, remembered in `cfg.cache_dir`) is read through
+   its .idx file, unchecked; any other (changed since, or a stats.json forged or copied from
+   elsewhere) is validated like a foreign shard. The hash guards against stale or mistaken metadata;
+   someone who can rewrite both the shards and their stats.json controls the data anyway.
 2. Shards NOT written by make-shards (any hand-made or downloaded tar) go through the same checks at
    read time, once: a thread pool validates each sample, odd-but-decodable images (CMYK, 16-bit,
    alpha, PNG, EXIF-rotated ...) are re-encoded as RGB JPEGs into a repair tar in `cfg.cache_dir`,
@@ -94,8 +98,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .shards import (CAPTION_EXT, DEFAULT_MAX_PIXELS, IMAGE_EXTS, STATS_FORMAT, STATS_NAME, check_caption,
-                     check_image, pil_to_rgb, read_index, scan_tar, split_name)
+from .shards import (CAPTION_EXT, DEFAULT_MAX_PIXELS, IMAGE_EXTS, MAX_CAPTION_FILE_BYTES, MAX_MEMBER_BYTES,
+                     STATS_FORMAT, STATS_NAME, check_caption, check_image, pil_to_rgb, read_index, scan_tar,
+                     sha256_file, split_name)
 from .tokenizer import DEFAULT_CONTEXT_LENGTH, EOT_ID, SOT_ID
 
 # CLIP's normalisation (CLIP.md): the statistics of the OpenAI training images.
@@ -248,8 +253,9 @@ def expand_shards(spec) -> list[str]:
     return paths
 
 
-def _trusted(path: str, stats_cache: dict) -> dict | None:
-    """make-shards' stats.json entry for this shard if it vouches for it (same size), else None."""
+def _stats_entry(path: str, stats_cache: dict) -> dict | None:
+    """make-shards' stats.json entry for this shard when it claims the shard as validated (same size,
+    a SHA-256 recorded, the .idx there), else None. A claim only: see _verified."""
     folder = os.path.dirname(os.path.abspath(path))
     if folder not in stats_cache:
         stats = None
@@ -265,9 +271,34 @@ def _trusted(path: str, stats_cache: dict) -> dict | None:
         stats_cache[folder] = stats
     stats = stats_cache[folder]
     entry = stats["by_name"].get(os.path.basename(path)) if stats else None
-    if entry is None or entry["bytes"] != os.path.getsize(path):
+    if entry is None or entry.get("bytes") != os.path.getsize(path) or not isinstance(entry.get("sha256"), str):
         return None
     return entry if os.path.isfile(os.path.splitext(path)[0] + ".idx") else None
+
+
+def _verified(path: str, entry: dict, cache_dir: str) -> bool:
+    """Whether the shard's bytes hash to the SHA-256 make-shards recorded. The hash is computed once per
+    file version (size, mtime) on this machine and remembered in cache_dir, so only the first run pays
+    a read of each shard; a shard changed since, or a stats.json forged or copied from elsewhere, does
+    not match and the shard is validated at read time instead."""
+    st = os.stat(path)
+    key = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": entry["sha256"]}
+    tag = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:16]
+    record = os.path.join(cache_dir, "verified", f"{os.path.splitext(os.path.basename(path))[0]}-{tag}.json")
+    try:
+        with open(record) as f:
+            if json.load(f) == key:
+                return True
+    except (OSError, ValueError):
+        pass
+    if sha256_file(path) != entry["sha256"]:
+        return False
+    os.makedirs(os.path.dirname(record), exist_ok=True)
+    tmp = f"{record}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(key, f)
+    os.replace(tmp, record)
+    return True
 
 
 def _from_index(path: str) -> ShardSamples:
@@ -345,12 +376,16 @@ def _validate_shard(path: str, cache_dir: str, max_pixels: int, threads: int):
             if img_ext is None:
                 img_ext = next((e for e in comps if e.lower() in IMAGE_EXTS), None)
             txt = comps.get(CAPTION_EXT)
+            if txt is not None and txt[1] > MAX_CAPTION_FILE_BYTES:  # sizes come from the tar: never read them
+                return key, None, "file_too_large", None
             caption, reason = check_caption(None if txt is None else _pread(fd, txt[0], txt[1]))
             if reason:
                 return key, None, reason, None
             if img_ext is None:
                 return key, None, "missing_image", None
             off, size, name = comps[img_ext]
+            if size > MAX_MEMBER_BYTES:
+                return key, None, "file_too_large", None
             chk = check_image(_pread(fd, off, size), max_pixels=max_pixels)
             return key, (img_ext, off, size, name, txt), chk.reason, chk
 
@@ -409,22 +444,28 @@ def build_catalog(spec, *, cache_dir: str | None = None, max_pixels: int = DEFAU
     refs: list[ShardRef | None] = [None] * len(paths)
     skipped, repaired, at_make_shards = Counter(), Counter(), Counter()
     stats_cache: dict = {}
-    untrusted = []
+    claimed, untrusted = [], []
     for i, p in enumerate(paths):
-        entry = _trusted(p, stats_cache)
-        if entry is not None:
-            refs[i] = ShardRef(p, int(entry["count"]), "index")
+        entry = _stats_entry(p, stats_cache)
+        (claimed if entry is not None else untrusted).append((i, entry))
+
+    def rotated(items):
+        # Start at a rank-dependent shard so that ranks working at the same time mostly split the work
+        # (each finds the others' results in the shared cache).
+        k = (rank * len(items)) // max(1, world_size)
+        return items[k:] + items[:k]
+
+    for i, entry in rotated(claimed):
+        if _verified(paths[i], entry, cache_dir):
+            refs[i] = ShardRef(paths[i], int(entry["count"]), "index")
         else:
-            untrusted.append(i)
+            untrusted.append((i, None))
     for stats in stats_cache.values():
         if stats:
             at_make_shards.update(stats.get("skipped", {}))
     if untrusted:
         os.makedirs(cache_dir, exist_ok=True)
-        # Start at a rank-dependent shard so that ranks validating at the same time mostly split the
-        # work (each finds the others' results in the shared cache).
-        k = (rank * len(untrusted)) // max(1, world_size)
-        for i in untrusted[k:] + untrusted[:k]:
+        for i, _ in rotated(sorted(untrusted)):
             meta_path, count, sk, rp = _validate_shard(paths[i], cache_dir, max_pixels, threads)
             refs[i] = ShardRef(paths[i], count, meta_path)
             skipped.update(sk)
@@ -505,13 +546,18 @@ def random_resized_crop_box(width: int, height: int, rng: np.random.Generator, a
     return x, y, x + w, y + h
 
 
-def pil_decode(data: bytes):
-    """JPEG/any bytes -> RGB Pillow image, EXIF orientation applied (as DALI's decoder does)."""
+def pil_decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS):
+    """JPEG/any bytes -> RGB Pillow image, EXIF orientation applied (as DALI's decoder does). An image
+    of more than `max_pixels` pixels raises ValueError from its header, before anything is decoded
+    (a decompression-bomb PNG of a few KB would otherwise take gigabytes)."""
     from PIL import Image, ImageOps
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         im = Image.open(io.BytesIO(data))
+        w, h = im.size
+        if w * h > max_pixels:
+            raise ValueError(f"an image of {w}x{h} pixels is over the {max_pixels:,}-pixel limit")
         im.load()
     if im.format == "JPEG" and 0x0112 in im.getexif():
         im = ImageOps.exif_transpose(im)

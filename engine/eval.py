@@ -35,7 +35,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from .shards import CAPTION_COLUMNS, IMAGE_COLUMNS, IMAGE_EXTS, split_name
+from .shards import CAPTION_COLUMNS, IMAGE_COLUMNS, IMAGE_EXTS, screen, split_name
 
 TASKS = ("zeroshot", "retrieval", "linear-probe")
 _CAPTION_COLUMNS = CAPTION_COLUMNS + ("captions",)  # here a cell may also hold a list of captions (JSON)
@@ -93,7 +93,8 @@ def image_folder(root: str) -> tuple[list[str], np.ndarray, list[str]]:
             dirnames.sort()
             for fname in sorted(files):
                 if _is_image_name(fname):
-                    paths.append(os.path.join(dirpath, fname))
+                    # a link leading out of `root` stays listed but is refused when read (reported as skipped)
+                    paths.append(screen(os.path.join(dirpath, fname), root))
                     labels.append(c)
     if not paths:
         raise EvalDataError(f"{root} holds no image files ({', '.join(IMAGE_EXTS)}) in its class folders")
@@ -107,7 +108,7 @@ def list_images(root: str) -> list[str]:
     out = []
     for dirpath, dirnames, files in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        out.extend(os.path.join(dirpath, f) for f in sorted(files) if _is_image_name(f))
+        out.extend(screen(os.path.join(dirpath, f), root) for f in sorted(files) if _is_image_name(f))
     if not out:
         raise EvalDataError(f"{root} holds no image files ({', '.join(IMAGE_EXTS)})")
     return out
@@ -342,7 +343,7 @@ def captioned_images(spec: str) -> tuple[list[Any], list[str], list[str], list[i
                 continue
             if img not in where:
                 where[img] = len(images)
-                images.append(os.path.join(base, img))
+                images.append(screen(os.path.join(base, img), base, "path_outside_source"))
                 sources.append(img)
             captions.extend(caps)
             owner.extend([where[img]] * len(caps))

@@ -9,8 +9,10 @@ to the table's folder). OUT_DIR receives, like img2dataset:
     00000.tar   key.jpg + key.txt + key.json for up to N samples (key = shard id + index, "000000000")
     00000.idx   the DALI index of that tar (wds2idx format v1.2, written here, see `write_index`)
     stats.json  sample and shard counts, every skip and repair counted by reason, the first skipped
-                sources with their reason, and `"validated": true` with each shard's byte size, which
-                tells `clipforge.data` that these shards need no read-time validation.
+                sources with their reason, and `"validated": true` with each shard's byte size and
+                SHA-256: `clipforge.data` skips read-time validation only for a shard whose bytes hash
+                to the recorded value (checked once per file version on each machine, remembered in
+                its cache), so a stale, copied or forged stats.json switches nothing off.
 
 Every sample is validated here (`check_image`, `check_caption`): a JPEG already in RGB or grayscale,
 structurally sound and small enough is stored byte for byte; any other image that Pillow decodes
@@ -22,10 +24,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import errno
+import hashlib
 import io
 import json
 import math
 import os
+import stat
 import sys
 import tarfile
 import warnings
@@ -42,14 +47,93 @@ DEFAULT_MAX_PIXELS = 1024 * 1024 * 1024 // 4 // 3
 JPEG_QUALITY = 95
 INDEX_VERSION = "v1.2"
 STATS_NAME = "stats.json"
-STATS_FORMAT = "clipforge-shards/1"
+STATS_FORMAT = "clipforge-shards/2"  # 2: each shard's SHA-256 (what lets clipforge.data trust it)
 MAX_LISTED_SKIPS = 1000
+
+# A source file (image or caption) is read whole only up to this size; a larger one is skipped.
+MAX_FILE_BYTES = 256 << 20
+# A tar member larger than this is skipped at read-time validation without being read.
+MAX_MEMBER_BYTES = 256 << 20
+# A caption file is text: a larger one is skipped (the tokenizer reads 16,384 characters of it anyway).
+MAX_CAPTION_FILE_BYTES = 1 << 20
 
 # Skip reasons (shared with clipforge.data, whose counters use the same names).
 SKIP_REASONS = (
     "missing_image", "empty_image", "corrupt_image", "too_large",
     "missing_caption", "empty_caption", "bad_caption_encoding", "duplicate_key",
+    "duplicate_image", "not_a_regular_file", "link_outside_source", "path_outside_source", "file_too_large",
+    "unreadable_file",
 )
+
+
+# --------------------------------------------------------------------------------------------
+# Reading source files safely (make-shards, the embedding API and the evaluation folders)
+# --------------------------------------------------------------------------------------------
+
+class RefusedPath(str):
+    """A path that was listed but must not be read; `reason` is its skip reason (a SKIP_REASONS name).
+    It is a str, so it travels in path lists and reports like any other path."""
+
+    reason: str
+
+    def __new__(cls, path: str, reason: str):
+        obj = super().__new__(cls, path)
+        obj.reason = reason
+        return obj
+
+
+class UnreadableFile(ValueError):
+    """A source file refused before reading: `reason` is its skip reason."""
+
+    def __init__(self, path: str, reason: str, detail: str):
+        super().__init__(f"{path}: {detail}")
+        self.path, self.reason = path, reason
+
+
+def inside(path: str, root: str) -> bool:
+    """Whether `path`, its links resolved, lies inside the folder `root`."""
+    real, base = os.path.realpath(path), os.path.realpath(root)
+    return real == base or real.startswith(base.rstrip(os.sep) + os.sep)
+
+
+def screen(path: str, root: str, reason: str = "link_outside_source") -> str:
+    """`path`, or a RefusedPath when it (a link, or a table's relative path) leads outside `root`."""
+    return path if inside(path, root) else RefusedPath(path, reason)
+
+
+def read_file(path: str, limit: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes. A RefusedPath, a pipe, a device (a link to
+    /dev/zero once made `zeroshot` read 19 GB), a socket, or a larger file raises UnreadableFile without
+    blocking: the file is opened non-blocking and checked on its descriptor before a byte is read."""
+    if isinstance(path, RefusedPath):
+        raise UnreadableFile(path, path.reason, "leads outside the source folder" if "outside" in path.reason
+                             else path.reason.replace("_", " "))
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # a socket
+            raise UnreadableFile(path, "not_a_regular_file", "not a regular file (a socket)") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a pipe" if stat.S_ISFIFO(st.st_mode) else "a device" if stat.S_ISCHR(st.st_mode) or \
+                stat.S_ISBLK(st.st_mode) else "not a file"
+            raise UnreadableFile(path, "not_a_regular_file", f"not a regular file ({kind})")
+        if st.st_size > limit:
+            raise UnreadableFile(path, "file_too_large", f"{st.st_size:,} bytes, over the {limit:,}-byte limit")
+        chunks, total = [], 0
+        while True:
+            chunk = os.read(fd, min(1 << 20, limit + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > limit:  # the file grew while being read
+                raise UnreadableFile(path, "file_too_large", f"over the {limit:,}-byte limit")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------------------------
@@ -135,6 +219,15 @@ def read_index(idx_path: str) -> list[list[tuple[str, int, int, str]]]:
     if len(out) != int(header[1]):
         raise ValueError(f"{idx_path} announces {header[1]} samples but lists {len(out)}; rebuild it")
     return out
+
+
+def sha256_file(path: str) -> str:
+    """Hex SHA-256 of a file's bytes, read in 4 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(4 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def index_tar(tar_path: str, idx_path: str | None = None) -> str:
@@ -349,22 +442,32 @@ def check_image(raw: bytes | None, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_
 # --------------------------------------------------------------------------------------------
 
 def _folder_items(src: str):
-    """(source path, image path or None, caption path or None) for a folder, sorted, recursive."""
+    """(source path, image path or None, caption path or None) for a folder, sorted, recursive. A link
+    leading outside `src` becomes a RefusedPath (skipped when read); a second image of the same stem
+    (`cat.jpg` and `cat.png`) yields an item of its own refused as `duplicate_image`: the first in
+    sorted order is kept."""
     stems: dict[str, dict[str, str]] = {}
-    for root, dirs, files in os.walk(src):
+    duplicates = []
+    for root, dirs, files in os.walk(src):  # never follows directory links
         dirs.sort()
-        for name in files:
+        for name in sorted(files):
             if name.startswith("."):
                 continue
             stem, ext = os.path.splitext(os.path.join(root, name))
             ext = ext[1:].lower()
             if ext in IMAGE_EXTS or ext == CAPTION_EXT:
+                path = screen(os.path.join(root, name), src)
                 stems.setdefault(stem, {})
-                if ext == CAPTION_EXT or "image" not in stems[stem]:
-                    stems[stem]["caption" if ext == CAPTION_EXT else "image"] = os.path.join(root, name)
+                slot = "caption" if ext == CAPTION_EXT else "image"
+                if slot == "image" and "image" in stems[stem]:
+                    duplicates.append(path)
+                else:
+                    stems[stem][slot] = path
     for stem in sorted(stems):
         d = stems[stem]
         yield os.path.relpath(d.get("image", stem), src), d.get("image"), ("file", d.get("caption"))
+    for path in duplicates:
+        yield os.path.relpath(path, src), RefusedPath(path, "duplicate_image"), ("file", None)
 
 
 # Column names a (path, caption) table may use, in order of preference (clipforge.eval reads the same).
@@ -402,29 +505,33 @@ def _table_items(src: str, image_col: str | None, caption_col: str | None):
         ic, cc = _pick(cols, IMAGE_COLUMNS, image_col, src), _pick(cols, CAPTION_COLUMNS, caption_col, src)
         rows = ((r[ic], r[cc]) for r in reader)
     for path, caption in rows:
-        full = os.path.join(base, path) if path else None
+        # relative to the table's folder, and inside it (links resolved): "../x" or "/etc/x" is refused
+        full = screen(os.path.join(base, path), base, "path_outside_source") if path else None
         yield path or "", full, ("text", caption)
 
 
 def _load_and_check(item, max_pixels: int, max_side: int | None, quality: int):
     """Worker: read one source sample and validate it. Returns a plain tuple (pickled across processes)."""
     source, image_path, (kind, caption_ref) = item
+    if isinstance(image_path, RefusedPath):
+        return source, None, None, image_path.reason, "", None
     raw_caption: bytes | None
-    if kind == "file":
-        raw_caption = None
-        if caption_ref is not None:
-            with open(caption_ref, "rb") as f:
-                raw_caption = f.read()
-    else:
-        raw_caption = None if caption_ref is None else (
-            caption_ref.encode("utf-8") if isinstance(caption_ref, str) else bytes(caption_ref))
-    caption, reason = check_caption(raw_caption)
-    if reason:
-        return source, None, None, reason, "", None
-    raw = None
-    if image_path is not None and os.path.isfile(image_path):
-        with open(image_path, "rb") as f:
-            raw = f.read()
+    try:
+        if kind == "file":
+            raw_caption = None if caption_ref is None else read_file(caption_ref, limit=MAX_CAPTION_FILE_BYTES)
+        else:
+            raw_caption = None if caption_ref is None else (
+                caption_ref.encode("utf-8") if isinstance(caption_ref, str) else bytes(caption_ref))
+        caption, reason = check_caption(raw_caption)
+        if reason:
+            return source, None, None, reason, "", None
+        raw = None
+        if image_path is not None and os.path.lexists(image_path):
+            raw = read_file(image_path)
+    except UnreadableFile as exc:
+        return source, None, None, exc.reason, str(exc), None
+    except OSError as exc:  # a dangling link, no permission, an I/O error
+        return source, None, None, "unreadable_file", f"{type(exc).__name__}: {exc}", None
     chk = check_image(raw, max_pixels=max_pixels, max_side=max_side, quality=quality)
     if chk.reason:
         return source, None, None, chk.reason, chk.detail, None
@@ -483,6 +590,7 @@ class ShardWriter:
         os.replace(self._path + ".tmp", self._path)
         index_tar(self._path)
         self.shards[-1]["bytes"] = os.path.getsize(self._path)
+        self.shards[-1]["sha256"] = sha256_file(self._path)
 
 
 @dataclass

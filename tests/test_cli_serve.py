@@ -61,6 +61,34 @@ def test_embed_images_cli_agrees_with_api_and_encode_image(tiny_ckpt, image_dir,
     assert "im5_broken.jpg" in capsys.readouterr().err
 
 
+def test_embed_and_zeroshot_skip_pipes_devices_and_links_out(tiny_ckpt, tmp_path, capsys):
+    """A named pipe hung `embed`; a link to /dev/zero made `zeroshot` read until the kernel killed it
+    (19 GB). Both are now skipped without a read, reported, and the run goes on."""
+    model, ckpt = tiny_ckpt
+    root, outside = tmp_path / "imgs", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    for i in range(3):
+        Image.new("RGB", (20, 24), (40 * i, 90, 200)).save(root / f"ok{i}.png")
+    Image.new("RGB", (20, 24), (1, 2, 3)).save(outside / "secret.png")
+    os.mkfifo(root / "pipe.jpg")
+    os.symlink("/dev/zero", root / "zero.jpg")
+    os.symlink(outside / "secret.png", root / "away.png")
+    out = tmp_path / "emb.npy"
+    assert cli.main(["embed", "--model", ckpt, "--images", str(root), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "pipe.jpg" in err and "not a regular file (a pipe)" in err
+    assert "zero.jpg" in err and "away.png" in err and "outside the source folder" in err
+    assert np.load(out).shape[0] == 3
+    preds = tmp_path / "preds.csv"
+    assert cli.main(["zeroshot", "--model", ckpt, "--images", str(root), "--classes", "red,blue",
+                     "--out", str(preds)]) == 0
+    printed = capsys.readouterr()
+    assert "(3 skipped)" in printed.out and "a pipe" in printed.err
+    with open(preds) as f:
+        assert len(list(csv.DictReader(f))) == 3
+
+
 def test_embed_texts_cli_agrees_with_api_and_encode_text(tiny_ckpt, tmp_path):
     model, ckpt = tiny_ckpt
     texts = ["a photo of a cat", "a diagram, with commas", "Ünïcödé", "long " * 100]

@@ -405,7 +405,8 @@ def test_make_shards_output_is_trusted_and_read_by_both(raw, tmp_path):
         keys, tokens, _ = run_epoch(loader)
         assert len(keys) == len(deliver) == len(set(keys))
         assert sorted(tokens[:, 0].tolist()) == sorted(sid for sid, _ in deliver.values())
-        assert not cache.exists()  # trusted shards are never re-validated
+        # trusted shards are never re-validated: the cache holds only their hash checks
+        assert sorted(os.listdir(cache)) == ["verified"] and len(os.listdir(cache / "verified")) == len(stats["shards"])
         assert loader.stats["skipped"] == {} and loader.stats["skipped_at_make_shards"] == dict(skips)
     # a shard modified after make-shards loses that trust and goes through the read-time guard
     with open(os.path.join(out, "00000.tar"), "ab") as f:
@@ -413,6 +414,45 @@ def test_make_shards_output_is_trusted_and_read_by_both(raw, tmp_path):
     loader = build_train_loader(cfg_for(out, "pytorch", tmp_path, cache_dir=str(tmp_path / "c2")), 0, 1, 0, 0, SIZE,
                                 id_tokenizer)
     assert loader.catalog.refs[0].count == len(loader.catalog.shard(0)) == 8 and (tmp_path / "c2").exists()
+
+
+def test_a_forged_stats_json_switches_no_validation_off(tmp_path):
+    """A stats.json dropped beside foreign shards, claiming them validated (with their true sizes, and a
+    made-up or another shard's SHA-256): the loader validates anyway, so the decompression-bomb PNG
+    (60,000 x 60,000 pixels in ~40 KB) and the truncated JPEG are skipped and counted."""
+    import json
+    import zlib
+
+    from clipforge import shards
+
+    def png_bomb(side=60_000):  # a valid header, an IDAT of deflated zeros: the decode would need 10 GB
+        import struct
+
+        def chunk(kind, data):
+            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+        raw = zlib.compress(b"\0" * (side + 1) * 64, 9)  # first rows only: Pillow reads the header first
+        return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+                + chunk(b"IDAT", raw) + chunk(b"IEND", b""))
+
+    folder = tmp_path / "foreign"
+    folder.mkdir()
+    good = [(f"k{i}", {"jpg": solid_jpeg(i), "txt": caption_of(i)}) for i in range(4)]
+    bad = [("bomb", {"png": png_bomb(), "txt": caption_of(90)}),
+           ("cut", {"jpg": solid_jpeg(91)[:200], "txt": caption_of(91)})]
+    write_tar(str(folder / "00000.tar"), good[:2] + bad + good[2:])
+    shards.index_tar(str(folder / "00000.tar"))
+    size = os.path.getsize(folder / "00000.tar")
+    for sha in ("0" * 64, shards.sha256_file(solid_jpeg.__code__.co_filename)):
+        (folder / "stats.json").write_text(json.dumps({
+            "format": shards.STATS_FORMAT, "validated": True, "count": 6,
+            "shards": [{"name": "00000.tar", "count": 6, "bytes": size, "sha256": sha}]}))
+        cache = tmp_path / f"cache-{sha[:4]}"
+        loader = build_train_loader(DataConfig(shards=str(folder), batch_size=2, backend="pytorch", num_threads=0,
+                                               cache_dir=str(cache)), 0, 1, 0, 0, SIZE, id_tokenizer, with_keys=True)
+        keys = run_epoch(loader)[0]
+        assert sorted(keys) == ["k0", "k1", "k2", "k3"]
+        assert loader.stats["skipped"] == {"too_large": 1, "corrupt_image": 1}
 
 
 def test_real_tokenizer_receives_the_captions(tmp_path):

@@ -386,3 +386,65 @@ def test_make_shards_errors(tmp_path):
     (tmp_path / "t.csv").write_text("a,b\nx,y\n")
     with pytest.raises(ValueError, match="--image-col"):
         shards.make_shards(shards.MakeShardsConfig(str(tmp_path / "t.csv"), str(tmp_path / "o3"), progress=False))
+
+
+def test_make_shards_refuses_pipes_devices_links_out_and_duplicate_stems(tmp_path):
+    """A named pipe and a link to /dev/zero hung make-shards (or read forever); a link or a table path
+    leading out of the source folder was followed; a second image of one stem vanished uncounted."""
+    src, outside = tmp_path / "src", tmp_path / "outside"
+    src.mkdir()
+    outside.mkdir()
+    for i in range(3):
+        (src / f"ok{i}.jpg").write_bytes(solid_jpeg(i))
+        (src / f"ok{i}.txt").write_bytes(caption_of(i))
+    os.mkfifo(src / "pipe.jpg")
+    (src / "pipe.txt").write_bytes(caption_of(10))
+    os.symlink("/dev/zero", src / "zero.jpg")
+    (src / "zero.txt").write_bytes(caption_of(11))
+    (outside / "secret.jpg").write_bytes(solid_jpeg(12))
+    os.symlink(outside / "secret.jpg", src / "away.jpg")
+    (src / "away.txt").write_bytes(caption_of(12))
+    os.mkfifo(src / "fifo_caption.txt")  # a caption that is a pipe
+    (src / "fifo_caption.jpg").write_bytes(solid_jpeg(13))
+    (src / "ok0.png").write_bytes(encode(Image.new("RGB", (9, 9), color_of(14)), "PNG"))  # a second ok0
+    (src / "inside_link.jpg").symlink_to(src / "ok1.jpg")  # a link that stays inside is fine
+    (src / "inside_link.txt").write_bytes(caption_of(15))
+    out = tmp_path / "out"
+    stats = shards.make_shards(shards.MakeShardsConfig(str(src), str(out), workers=1, progress=False))
+    assert stats["count"] == 4  # ok0 (the .jpg: first in sorted order), ok1, ok2, inside_link
+    assert stats["skipped"] == {"not_a_regular_file": 2, "link_outside_source": 2, "duplicate_image": 1}
+    reasons = {os.path.basename(s["source"]): s["reason"] for s in stats["skipped_samples"]}
+    assert reasons["pipe.jpg"] == reasons["fifo_caption.jpg"] == "not_a_regular_file"
+    assert reasons["zero.jpg"] == reasons["away.jpg"] == "link_outside_source"  # /dev/zero is outside too
+    assert reasons["ok0.png"] == "duplicate_image"
+    # a table whose paths leave its folder
+    (src / "table").mkdir()
+    with open(src / "table" / "pairs.csv", "w") as f:
+        f.write(f"path,caption\n../ok1.jpg,up one\n{outside / 'secret.jpg'},absolute\n")
+    (src / "table" / "here.jpg").write_bytes(solid_jpeg(16))
+    with open(src / "table" / "pairs.csv", "a") as f:
+        f.write("here.jpg,a local one\n")
+    stats = shards.make_shards(shards.MakeShardsConfig(str(src / "table" / "pairs.csv"), str(tmp_path / "t"),
+                                                       workers=1, progress=False))
+    assert stats["count"] == 1 and stats["skipped"] == {"path_outside_source": 2}
+
+
+def test_read_file_bounds(tmp_path):
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"x" * 2048)
+    assert shards.read_file(str(big)) == b"x" * 2048
+    with pytest.raises(shards.UnreadableFile, match="over the 1,024-byte limit") as info:
+        shards.read_file(str(big), limit=1024)
+    assert info.value.reason == "file_too_large"
+    with pytest.raises(shards.UnreadableFile, match="a device"):
+        shards.read_file("/dev/zero")
+    import socket
+
+    sock_path = str(tmp_path / "s.sock")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(sock_path)
+    try:
+        with pytest.raises(shards.UnreadableFile, match="socket"):
+            shards.read_file(sock_path)
+    finally:
+        server.close()
