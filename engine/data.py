@@ -355,10 +355,14 @@ def _validate_shard(path: str, cache_dir: str, max_pixels: int, threads: int):
     except (OSError, ValueError, KeyError):
         pass
 
+    tar_report: dict = {}
     try:
-        scanned = scan_tar(path)
+        scanned = scan_tar(path, tar_report)
     except tarfile.TarError as exc:
         raise DataError(f"shard {path} is not a readable tar file ({exc}); remove it from data.shards") from exc
+    if "truncated_at" in tar_report:  # how many samples the lost tail held cannot be known: counted once
+        warnings.warn(f"shard {path} is cut short or damaged after byte {tar_report['truncated_at']:,}: the samples "
+                      "there are lost (counted as skipped/truncated_tar)", RuntimeWarning, stacklevel=2)
     # A key that repeats (a foreign tar may hold two samples of one name): the first is kept, the
     # others are skipped and counted, so a key names one (image, caption) pair.
     samples, seen, duplicates = [], set(), 0
@@ -395,6 +399,8 @@ def _validate_shard(path: str, cache_dir: str, max_pixels: int, threads: int):
         os.close(fd)
 
     skipped, repaired = Counter({"duplicate_key": duplicates} if duplicates else {}), Counter()
+    if "truncated_at" in tar_report:
+        skipped["truncated_tar"] += 1
     keys, names, rows = [], [], []
     tmp_repair = f"{repair_path}.tmp{os.getpid()}"
     repair_tar = None

@@ -117,21 +117,23 @@ def list_images(root: str) -> list[str]:
 def _webdataset_samples(spec: str) -> Iterator[tuple[str, dict[str, bytes] | None]]:
     """(tar:key, {ext: bytes}) for every sample of the shards, in order, one sample in memory at a time;
     (tar:key, None) for a key that repeats in its tar (the first sample of a key is the one kept, as in
-    clipforge.data)."""
+    clipforge.data), and (tar:<tail after byte N>, None) for a tar cut short."""
     from .data import expand_shards
     from .shards import scan_tar
 
     for path in expand_shards(spec):
         fd = os.open(path, os.O_RDONLY)
-        seen = set()
+        seen, report = set(), {}
         try:
-            for key, comps in scan_tar(path):
+            for key, comps in scan_tar(path, report):
                 name = f"{os.path.basename(path)}:{key}"
                 if key in seen:
                     yield name, None
                     continue
                 seen.add(key)
                 yield name, {ext.lower(): os.pread(fd, size, off) for ext, (off, size, _) in comps.items()}
+            if "truncated_at" in report:  # reported as a skipped entry: the lost samples cannot be listed
+                yield f"{os.path.basename(path)}:<tail after byte {report['truncated_at']}>", None
         finally:
             os.close(fd)
 
@@ -153,7 +155,8 @@ class _LabelledShards:
     def __iter__(self):
         for key, comps in _webdataset_samples(self.spec):
             if comps is None:
-                self.skipped.append([key, "repeated key (the first sample of that key is kept)"])
+                self.skipped.append([key, "the tar is cut short here: its remaining samples are lost" if "<tail" in key
+                                     else "repeated key (the first sample of that key is kept)"])
                 continue
             img = _image_of(comps)
             raw = comps.get("cls")

@@ -62,7 +62,7 @@ SKIP_REASONS = (
     "missing_image", "empty_image", "corrupt_image", "too_large",
     "missing_caption", "empty_caption", "bad_caption_encoding", "duplicate_key",
     "duplicate_image", "not_a_regular_file", "link_outside_source", "path_outside_source", "file_too_large",
-    "unreadable_file",
+    "unreadable_file", "truncated_tar",
 )
 
 
@@ -153,14 +153,15 @@ def split_name(name: str) -> tuple[str, str]:
     return name[:dot], name[dot + 1:]
 
 
-def scan_tar(path: str) -> list[tuple[str, dict[str, tuple[int, int, str]]]]:
+def scan_tar(path: str, report: dict | None = None) -> list[tuple[str, dict[str, tuple[int, int, str]]]]:
     """Samples of a tar in file order: [(key, {ext: (data offset, size, member name)})].
 
     Members are grouped like wds2idx does (consecutive members with the same key), except that a
     component already in the current sample starts a new one (`a.jpg a.txt a.jpg a.txt` is two
     samples, never one whose image and caption come from different members); a key may therefore
     repeat, and callers decide what a repeat means (clipforge.data keeps the first). Directories,
-    links and hidden files are ignored. A tar cut short keeps the members that end inside the file.
+    links and hidden files are ignored. A tar cut short keeps the members that end inside the file;
+    `report`, when given, then gets "truncated_at": the byte offset after which the rest is lost.
     """
     file_size = os.path.getsize(path)
     samples: list[tuple[str, dict]] = []
@@ -169,16 +170,20 @@ def scan_tar(path: str) -> list[tuple[str, dict[str, tuple[int, int, str]]]]:
             try:
                 member = tar.next()
             except (tarfile.ReadError, EOFError):
-                break  # truncated or damaged tail: keep what was readable
+                if report is not None:  # truncated or damaged tail: keep what was readable
+                    report["truncated_at"] = tar.offset
+                break
             if member is None:
+                break
+            if member.offset_data + member.size > file_size:
+                if report is not None:
+                    report["truncated_at"] = member.offset
                 break
             if not member.isreg():
                 continue
             key, ext = split_name(member.name)
             if not key or key.endswith("/") or os.path.basename(key).startswith("."):
                 continue
-            if member.offset_data + member.size > file_size:
-                break
             if samples and samples[-1][0] == key and ext not in samples[-1][1]:
                 samples[-1][1][ext] = (member.offset_data, member.size, member.name)
             else:

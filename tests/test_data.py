@@ -455,6 +455,23 @@ def test_a_forged_stats_json_switches_no_validation_off(tmp_path):
         assert loader.stats["skipped"] == {"too_large": 1, "corrupt_image": 1}
 
 
+def test_a_truncated_tar_is_counted_and_warned_about(tmp_path):
+    import tarfile
+
+    folder = tmp_path / "cut"
+    folder.mkdir()
+    write_tar(str(folder / "a.tar"), [(f"k{i}", {"jpg": solid_jpeg(i), "txt": caption_of(i)}) for i in range(8)])
+    with tarfile.open(folder / "a.tar") as tar:
+        k5 = tar.getmember("k5.jpg")
+    data_bytes = (folder / "a.tar").read_bytes()
+    (folder / "a.tar").write_bytes(data_bytes[: k5.offset_data + 100])  # a download cut inside k5.jpg
+    cfg = DataConfig(shards=str(folder), batch_size=2, backend="pytorch", num_threads=0, cache_dir=str(tmp_path / "c"))
+    with pytest.warns(RuntimeWarning, match=r"a.tar is cut short or damaged after byte"):
+        loader = build_train_loader(cfg, 0, 1, 0, 0, SIZE, id_tokenizer, with_keys=True)
+    assert sorted(run_epoch(loader)[0]) == [f"k{i}" for i in range(5)]
+    assert loader.stats["skipped"] == {"truncated_tar": 1}
+
+
 def test_real_tokenizer_receives_the_captions(tmp_path):
     import clipforge
 
