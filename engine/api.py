@@ -279,10 +279,23 @@ def iter_image_batches(model, images, batch_size: int = 64, *, on_error: str = "
             pool.shutdown(wait=False, cancel_futures=True)
 
 
+class NonFiniteOutputError(ValueError):
+    """The model gave NaN or infinite embeddings: nothing of them is returned or written."""
+
+
+def _finite(emb: np.ndarray, what: str) -> np.ndarray:
+    if not np.isfinite(emb).all():
+        rows = int((~np.isfinite(emb)).any(axis=1).sum())
+        raise NonFiniteOutputError(
+            f"the model gave non-finite embeddings for {rows} of {len(emb)} {what} in a batch; its weights or "
+            "the inputs are broken (for fp16 on a GPU, try amp=False / --no-amp); nothing was written for them")
+    return emb
+
+
 def _encode_images(model, batch: torch.Tensor, device: torch.device, amp: bool) -> np.ndarray:
     with torch.no_grad(), _autocast(model, device, amp):
         feats = model.encode_image(batch.to(device, non_blocking=True))
-    return F.normalize(feats.float(), dim=-1).cpu().numpy()
+    return _finite(F.normalize(feats.float(), dim=-1).cpu().numpy(), "images")
 
 
 def _tokenize(model, texts: Sequence[str]) -> torch.Tensor:
@@ -295,7 +308,7 @@ def _encode_texts(model, texts: Sequence[str], device: torch.device, amp: bool) 
     tokens = _tokenize(model, texts)
     with torch.no_grad(), _autocast(model, device, amp):
         feats = model.encode_text(tokens.to(device, non_blocking=True))
-    return F.normalize(feats.float(), dim=-1).cpu().numpy()
+    return _finite(F.normalize(feats.float(), dim=-1).cpu().numpy(), "texts")
 
 
 def _check_texts(texts) -> list[str]:

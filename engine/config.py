@@ -75,6 +75,8 @@ def _coerce(value, typ, dotted: str):
         raise ConfigError(f"config key '{dotted}' must be an integer, got {value!r}")
     if typ is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # `lr: .inf` once trained to NaN weights and wrote them out
+                raise ConfigError(f"config key '{dotted}' must be a finite number, got {value!r}")
             return float(value)
         raise ConfigError(f"config key '{dotted}' must be a number, got {value!r}")
     if typ is str:

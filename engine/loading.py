@@ -279,13 +279,15 @@ def load(
     config: CLIPConfig | dict | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
+    allow_nonfinite: bool = False,
 ) -> CLIP:
     """Build a CLIP model from released weights or a clipforge checkpoint; returns it in eval mode.
 
     path_or_state_dict: a file path or a state dict. The architecture comes from, in order: `config`,
     `model_name` (a preset, e.g. "ViT-B-32" or "ViT-B-32-quickgelu"), the config stored in a clipforge
     checkpoint, or the tensor shapes. `quick_gelu` overrides the activation (default QuickGELU when
-    inferring, as in OpenAI's released weights).
+    inferring, as in OpenAI's released weights). Weights holding NaN or infinity are refused (a model
+    that would embed everything as NaN) unless `allow_nonfinite=True`, to inspect such a file.
     """
     if isinstance(path_or_state_dict, Mapping):
         sd, stored_cfg = _unwrap(path_or_state_dict, "the state dict")
@@ -293,6 +295,8 @@ def load(
     else:
         sd, stored_cfg = read_state_dict(path_or_state_dict)
         where = os.fspath(path_or_state_dict)
+    if not allow_nonfinite:
+        _check_finite(sd, where)
     if config is not None:
         cfg = config if isinstance(config, CLIPConfig) else CLIPConfig.from_dict(config)
     elif model_name is not None:
@@ -312,6 +316,14 @@ def load(
     load_state_dict_strict(model, sd, where)
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     return model.eval()
+
+
+def _check_finite(sd: Mapping[str, torch.Tensor], where: str) -> None:
+    bad = [k for k, t in sd.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise CheckpointError(f"{where} holds non-finite weights (NaN or infinity) in {_names(sorted(bad))}: "
+                              "a run that diverged? Load an earlier checkpoint, or pass allow_nonfinite=True "
+                              "to inspect this one")
 
 
 def _layer_counts(sd: Mapping[str, Any]) -> dict[str, int]:

@@ -282,6 +282,13 @@ class CLIP(EmbeddingMixin, nn.Module):
                 f"expected images of shape (N, 3, {r}, {r}) for this model, got {tuple(images.shape)}; "
                 f"resize and centre-crop to {r}x{r} (see clipforge.data's evaluation transform)"
             )
+        if not images.is_floating_point():
+            raise TypeError(f"expected CLIP-normalised float images, got {images.dtype}; preprocess them first "
+                            "(clipforge.preprocess or embed_images, which take paths, bytes, PIL and uint8 arrays)")
+        # At evaluation (serving), NaN / infinite pixels would give NaN embeddings: refuse them. In
+        # training the check is left to the trainer's non-finite loss guard (no per-step device sync).
+        if not self.training and images.device.type != "meta" and not bool(torch.isfinite(images).all()):
+            raise ValueError("images hold NaN or infinite values; check the preprocessing")
 
     def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """images: (N, 3, R, R) normalised with CLIP's mean/std -> (N, embed_dim)."""

@@ -15,6 +15,7 @@ import os
 import socket
 import sys
 
+import torch
 import torch.distributed as dist
 
 from .train_config import ConfigError, TrainConfig
@@ -288,7 +289,17 @@ def train(cfg: TrainConfig, resume: str | None = None, grad_hook=None) -> int:
         _report_data(report, cfg.output_dir)
     weights = trainer.full_state_dict(rank0_only=True)  # collective under ZeRO 3
     if rank == 0:
-        save_state_dict(weights, trainer.model_config, os.path.join(cfg.output_dir, "model.safetensors"))
+        model_path = os.path.join(cfg.output_dir, "model.safetensors")
+        bad = [k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if status != 0 or bad:
+            # a run that stopped on non-finite losses (or holds non-finite weights) writes no model: an
+            # earlier model.safetensors, and the last good checkpoint, stay what `load` opens
+            why = f"non-finite weights in {', '.join(sorted(bad)[:3])}" if bad else "it stopped on non-finite losses"
+            print(f"clipforge train: no model.safetensors written ({why}); the last checkpoint in "
+                  f"{cfg.checkpoint_dir} is the model to resume or export", file=sys.stderr)
+            status = status or 1
+        else:
+            save_state_dict(weights, trainer.model_config, model_path)
         if cfg.logging.plot and os.path.exists(log.path):
             plot_loss_curve(log.path, os.path.join(cfg.output_dir, "loss_curve.png"))
     dist.barrier()

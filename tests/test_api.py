@@ -254,3 +254,20 @@ def test_embed_on_gpu_with_autocast_matches_cpu(tmp_path):
     assert cos.min() > 0.99, cos
     assert (e_txt * cpu.embed_texts(texts, device="cpu")).sum(1).min() > 0.99
     np.testing.assert_allclose(gpu.embed_images(images, amp=False), cpu.embed_images(images, device="cpu"), atol=1e-4)
+
+
+def test_non_finite_embeddings_never_leave_the_api(monkeypatch):
+    import clipforge
+    from clipforge.api import NonFiniteOutputError
+
+    model = clipforge.create_model("tiny-vit").eval()
+    real = model.encode_text
+
+    def broken(tokens, normalize=False):
+        out = real(tokens, normalize)
+        out[-1, 0] = float("nan")
+        return out
+
+    monkeypatch.setattr(model, "encode_text", broken)
+    with pytest.raises(NonFiniteOutputError, match="non-finite embeddings for 1 of 3 texts"):
+        model.embed_texts(["a", "b", "c"])

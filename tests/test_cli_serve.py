@@ -89,6 +89,20 @@ def test_embed_and_zeroshot_skip_pipes_devices_and_links_out(tiny_ckpt, tmp_path
         assert len(list(csv.DictReader(f))) == 3
 
 
+def test_a_nan_model_is_never_served(image_dir, tmp_path, capsys):
+    """A model.safetensors full of NaN (a diverged run) gave NaN embeddings and probabilities with exit
+    0; `load` now refuses it, so embed / zeroshot / eval stop with one sentence and write nothing."""
+    model = clipforge.create_model("tiny-vit")
+    with torch.no_grad():
+        model.visual.proj.fill_(float("nan"))
+    clipforge.save(model, tmp_path / "nan.safetensors")
+    ckpt = str(tmp_path / "nan.safetensors")
+    for argv, out in [(["embed", "--images", str(image_dir)], tmp_path / "e.npy"),
+                      (["zeroshot", "--images", str(image_dir), "--classes", "a,b"], tmp_path / "z.csv")]:
+        assert cli.main([argv[0], "--model", ckpt, *argv[1:], "--out", str(out)]) == 2
+        assert "non-finite weights" in capsys.readouterr().err and not out.exists()
+
+
 def test_embed_texts_cli_agrees_with_api_and_encode_text(tiny_ckpt, tmp_path):
     model, ckpt = tiny_ckpt
     texts = ["a photo of a cat", "a diagram, with commas", "Ünïcödé", "long " * 100]

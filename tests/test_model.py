@@ -371,3 +371,31 @@ def test_missing_and_misshaped_keys_are_named():
     with pytest.raises(CheckpointError, match=r"missing keys: ln_final.bias.*unexpected keys: extra.weight.*"
                                               r"mis-shaped keys: visual.ln_pre.weight \(checkpoint \(7,\), model \(64,\)\)"):
         clipforge.load(sd, model_name="tiny-vit")
+
+
+def test_non_finite_weights_are_refused_unless_asked(tmp_path):
+    model = clipforge.create_model("tiny-vit")
+    sd = model.state_dict()
+    sd["visual.proj"][0, 0] = float("nan")
+    sd["ln_final.weight"][1] = float("inf")
+    clipforge.save(model, tmp_path / "nan.safetensors")  # (save writes what it is given: the NaN too)
+    with pytest.raises(CheckpointError, match=r"nan.safetensors holds non-finite weights .* ln_final.weight, "
+                                              r"visual.proj.*allow_nonfinite=True"):
+        clipforge.load(str(tmp_path / "nan.safetensors"))
+    with pytest.raises(CheckpointError, match="non-finite"):
+        clipforge.load(sd, model_name="tiny-vit")
+    loaded = clipforge.load(str(tmp_path / "nan.safetensors"), allow_nonfinite=True)
+    assert torch.isnan(loaded.visual.proj[0, 0])
+
+
+def test_encode_image_refuses_integers_and_non_finite_pixels():
+    model = clipforge.create_model("tiny-vit").eval()
+    r = model.image_size
+    with pytest.raises(TypeError, match="float images, got torch.uint8"):
+        model.encode_image(torch.zeros(1, 3, r, r, dtype=torch.uint8))
+    bad = torch.zeros(2, 3, r, r)
+    bad[1, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        model.encode_image(bad)
+    model.train()  # training leaves non-finite inputs to the trainer's loss guard (no per-step sync)
+    assert model.encode_image(bad).shape == (2, model.config.embed_dim)

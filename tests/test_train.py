@@ -459,6 +459,23 @@ def test_nonfinite_losses_skip_then_stop(tmp_path, one_rank):
         trainer.train_step((bad, tokens))
 
 
+def test_a_run_stopped_on_nonfinite_losses_leaves_the_earlier_model(tmp_path, one_rank, capsys):
+    """A run that diverges (lr 1e30: NaN losses from step 2) stops with exit 1 and writes no
+    model.safetensors: the earlier, finite one stays, and `load` opens it."""
+    import clipforge
+
+    config = write_config(tmp_path, "run", max_steps=2)
+    assert run_main(config) == 0
+    model = tmp_path / "run" / "model.safetensors"
+    good = model.read_bytes()
+    diverging = write_config(tmp_path, "run", max_steps=12, max_nonfinite_steps=3, optimizer={"lr": 1e30})
+    assert run_main(diverging) == 1
+    err = capsys.readouterr().err
+    assert "no model.safetensors written (it stopped on non-finite losses)" in err
+    assert model.read_bytes() == good
+    clipforge.load(str(model))  # finite: loads
+
+
 @pytest.mark.parametrize("dtype", ["bf16"])
 def test_low_precision_caching_matches_full_batch(tmp_path, one_rank, dtype):
     """bf16 (DeepSpeed's bf16 optimizer with fp32 master weights) on CPU: gradient caching still gives

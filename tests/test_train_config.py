@@ -229,3 +229,15 @@ def test_clipforge_cli_train_subcommand(tmp_path, capsys):
     assert info.value.code == 0
     out = capsys.readouterr().out
     assert "--resume" in out and "--set" in out and "--max-steps" in out and "--output-dir" in out
+
+
+@pytest.mark.parametrize("key, value", [("optimizer.lr", ".inf"), ("optimizer.lr", ".nan"), ("optimizer.eps", "-.inf"),
+                                        ("schedule.min_lr_ratio", ".nan")])
+def test_non_finite_numbers_are_refused_by_key(tmp_path, key, value):
+    from clipforge.config import ConfigError
+    from clipforge.train_config import TrainConfig
+
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {name: tiny-vit}\n")
+    with pytest.raises(ConfigError, match=rf"'{key}' must be a finite number"):
+        TrainConfig.load(str(path), [f"{key}={value}"])
