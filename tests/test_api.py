@@ -271,3 +271,18 @@ def test_non_finite_embeddings_never_leave_the_api(monkeypatch):
     monkeypatch.setattr(model, "encode_text", broken)
     with pytest.raises(NonFiniteOutputError, match="non-finite embeddings for 1 of 3 texts"):
         model.embed_texts(["a", "b", "c"])
+
+
+def test_embed_images_memory_stays_flat(tmp_path):
+    """embed_images grew ~4.5 KB of resident memory per image beyond its result (60,000 images: 392 ->
+    793 MB; benchmarks/embed_memory.py measures that count). Here 2,000 against 12,000 images: what
+    grows beyond the result's own bytes must stay under 1 KB per image (it was ~4.5 KB)."""
+    import sys as _sys
+    from pathlib import Path
+
+    _sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from embed_memory import measure
+
+    small, large = measure(2000, str(tmp_path)), measure(12000, str(tmp_path))
+    growth = (large["extra_mb"] - large["result_mb"]) - (small["extra_mb"] - small["result_mb"])
+    assert growth * 2**20 / 10000 < 1024, (small, large)
