@@ -271,18 +271,24 @@ def _stats_entry(path: str, stats_cache: dict) -> dict | None:
         stats_cache[folder] = stats
     stats = stats_cache[folder]
     entry = stats["by_name"].get(os.path.basename(path)) if stats else None
-    if entry is None or entry.get("bytes") != os.path.getsize(path) or not isinstance(entry.get("sha256"), str):
+    if (entry is None or entry.get("bytes") != os.path.getsize(path) or not isinstance(entry.get("sha256"), str)
+            or not isinstance(entry.get("idx_sha256"), str)):
         return None
     return entry if os.path.isfile(os.path.splitext(path)[0] + ".idx") else None
 
 
 def _verified(path: str, entry: dict, cache_dir: str) -> bool:
-    """Whether the shard's bytes hash to the SHA-256 make-shards recorded. The hash is computed once per
-    file version (size, mtime) on this machine and remembered in cache_dir, so only the first run pays
-    a read of each shard; a shard changed since, or a stats.json forged or copied from elsewhere, does
-    not match and the shard is validated at read time instead."""
-    st = os.stat(path)
-    key = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": entry["sha256"]}
+    """Whether the shard and its .idx (which the loader then reads unchecked) hash to the SHA-256s
+    make-shards recorded. The hashes are computed once per file version on this machine and remembered
+    in cache_dir, so only the first run pays a read of each shard; a shard or index changed since, or a
+    stats.json forged or copied from elsewhere, does not match and the shard is validated at read time."""
+    idx = os.path.splitext(path)[0] + ".idx"
+    # the record names each file's version by inode, size, mtime and ctime (which no copy or `touch`
+    # can set back), so a file rewritten in place is hashed again
+    key = {"sha256": entry["sha256"], "idx_sha256": entry["idx_sha256"]}
+    for name, f in (("tar", path), ("idx", idx)):
+        st = os.stat(f)
+        key[name] = [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
     tag = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:16]
     record = os.path.join(cache_dir, "verified", f"{os.path.splitext(os.path.basename(path))[0]}-{tag}.json")
     try:
@@ -291,7 +297,7 @@ def _verified(path: str, entry: dict, cache_dir: str) -> bool:
                 return True
     except (OSError, ValueError):
         pass
-    if sha256_file(path) != entry["sha256"]:
+    if sha256_file(path) != entry["sha256"] or sha256_file(idx) != entry["idx_sha256"]:
         return False
     os.makedirs(os.path.dirname(record), exist_ok=True)
     tmp = f"{record}.tmp{os.getpid()}"
@@ -619,6 +625,14 @@ class _FileCache:
         return _pread(fd, int(offset), int(size))
 
 
+def _shard_files_exist(ref: ShardRef) -> bool:
+    """The tar, and the file its sample list comes from (its .idx, or the validation cache), are there."""
+    if ref.source == "memory":
+        return True
+    sample_list = os.path.splitext(ref.path)[0] + ".idx" if ref.source == "index" else ref.source
+    return os.path.exists(ref.path) and os.path.exists(sample_list)
+
+
 class _EpochPlan:
     """The rank's remaining samples of one epoch (from `start`), addressed by position i = 0 .. n-1."""
 
@@ -643,8 +657,7 @@ class _EpochPlan:
         self._perms: dict = {}
         # shards of this rank's epoch whose tar is gone (deleted since the catalog was built): their
         # samples are replaced like bad ones (see batch_positions); the loader warns and counts them
-        self.missing = {shard for shard, _, _ in self.epoch_segments
-                        if catalog.refs[shard].source != "memory" and not os.path.exists(catalog.refs[shard].path)}
+        self.missing = {shard for shard, _, _ in self.epoch_segments if not _shard_files_exist(catalog.refs[shard])}
 
     def batch_range(self, b: int) -> range:
         return range(b * self.batch_size, min((b + 1) * self.batch_size, self.n))
@@ -783,10 +796,10 @@ class _CaptionBatches(torch.utils.data.Dataset):
     def __getitem__(self, b):
         idx = self.plan.batch_positions(b)
         try:
-            captions = [self.plan.caption(i) for i in idx]
-        except OSError:
+            captions, keys = [self.plan.caption(i) for i in idx], [self.plan.key(i) for i in idx]
+        except (OSError, DataError, ValueError):  # as the Pillow path: the fallback replaces that sample
             return None
-        return _tokenize(self.tokenizer, captions), [self.plan.key(i) for i in idx]
+        return _tokenize(self.tokenizer, captions), keys
 
 
 class _ReadError(Exception):
@@ -926,8 +939,9 @@ class _Loader:
                 continue
             self._gone.add(path)
             self.runtime["vanished_shards"] += 1
-            warnings.warn(f"shard {path} is gone from disk; its samples are skipped and replaced by others "
-                          f"(counted in loader.stats['runtime'])", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"shard {path} is gone from disk (or the index or cache file listing its samples is); "
+                          f"its samples are skipped and replaced by others (counted in loader.stats['runtime'])",
+                          RuntimeWarning, stacklevel=3)
 
     # ---- state
     def set_epoch(self, epoch: int) -> None:

@@ -10,8 +10,8 @@ to the table's folder). OUT_DIR receives, like img2dataset:
     00000.idx   the DALI index of that tar (wds2idx format v1.2, written here, see `write_index`)
     stats.json  sample and shard counts, every skip and repair counted by reason, the first skipped
                 sources with their reason, and `"validated": true` with each shard's byte size and
-                SHA-256: `clipforge.data` skips read-time validation only for a shard whose bytes hash
-                to the recorded value (checked once per file version on each machine, remembered in
+                the SHA-256 of the shard and of its index: `clipforge.data` skips read-time validation
+                only for a shard whose two files hash to the recorded values (checked once per file version on each machine, remembered in
                 its cache), so a stale, copied or forged stats.json switches nothing off.
 
 Every sample is validated here (`check_image`, `check_caption`): a JPEG already in RGB or grayscale,
@@ -80,6 +80,9 @@ class RefusedPath(str):
         obj = super().__new__(cls, path)
         obj.reason = reason
         return obj
+
+    def __reduce__(self):  # make-shards sends items to worker processes: keep the reason across
+        return (RefusedPath, (str(self), self.reason))
 
 
 class UnreadableFile(ValueError):
@@ -596,6 +599,7 @@ class ShardWriter:
         index_tar(self._path)
         self.shards[-1]["bytes"] = os.path.getsize(self._path)
         self.shards[-1]["sha256"] = sha256_file(self._path)
+        self.shards[-1]["idx_sha256"] = sha256_file(os.path.splitext(self._path)[0] + ".idx")
 
 
 @dataclass

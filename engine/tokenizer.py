@@ -227,8 +227,10 @@ class SimpleTokenizer:
         after the one that passes `limit` tokens (the result then has more than `limit` ids when the
         text is longer, at most `limit` plus one word's)."""
         cache, ids = self._cache, []
-        if limit is not None:
-            text = text[:MAX_TEXT_CHARS]
+        if limit is not None and len(text) > MAX_TEXT_CHARS:
+            # whitespace first (the cleaning collapses it anyway), so a run of it cannot push the words
+            # past the cut; texts within the bound take the exact path untouched
+            text = " ".join(text.split())[:MAX_TEXT_CHARS]
         for word in _WORD_PATTERN.findall(_clean(text)):
             if limit is not None and len(word) > MAX_WORD_CHARS:
                 word = word[:MAX_WORD_CHARS]

@@ -408,6 +408,21 @@ def test_make_shards_output_is_trusted_and_read_by_both(raw, tmp_path):
         # trusted shards are never re-validated: the cache holds only their hash checks
         assert sorted(os.listdir(cache)) == ["verified"] and len(os.listdir(cache / "verified")) == len(stats["shards"])
         assert loader.stats["skipped"] == {} and loader.stats["skipped_at_make_shards"] == dict(skips)
+    # an index rewritten after make-shards (same sample count, other offsets) loses the trust too
+    idx_path = os.path.join(out, "00001.idx")
+    lines = open(idx_path).read().splitlines()
+    open(idx_path, "w").write("\n".join([lines[0]] + lines[:0:-1]) + "\n")  # the samples listed in reverse
+    fresh = build_train_loader(cfg_for(out, "pytorch", tmp_path, cache_dir=str(tmp_path / "c3")), 0, 1, 0, 0, SIZE,
+                               id_tokenizer)
+    assert fresh.catalog.refs[1].source != "index" and fresh.catalog.refs[0].source == "index"
+    # a trusted shard whose .idx vanishes during the run is skipped like a vanished shard (warned,
+    # counted, its samples replaced), not a crash
+    running = build_train_loader(cfg_for(out, "pytorch", tmp_path, cache_dir=str(cache)), 0, 1, 0, 0, SIZE,
+                                 id_tokenizer, with_keys=True)
+    os.remove(os.path.join(out, "00002.idx"))
+    with pytest.warns(RuntimeWarning, match="00002.tar is gone from disk"):
+        n = sum(len(k) for _, _, k in running)
+    assert n == len(deliver) and running.stats["runtime"]["vanished_shards"] == 1
     # a shard modified after make-shards loses that trust and goes through the read-time guard
     with open(os.path.join(out, "00000.tar"), "ab") as f:
         f.write(b"\0" * 1024)
@@ -443,10 +458,11 @@ def test_a_forged_stats_json_switches_no_validation_off(tmp_path):
     write_tar(str(folder / "00000.tar"), good[:2] + bad + good[2:])
     shards.index_tar(str(folder / "00000.tar"))
     size = os.path.getsize(folder / "00000.tar")
+    idx_sha = shards.sha256_file(str(folder / "00000.idx"))
     for sha in ("0" * 64, shards.sha256_file(solid_jpeg.__code__.co_filename)):
         (folder / "stats.json").write_text(json.dumps({
             "format": shards.STATS_FORMAT, "validated": True, "count": 6,
-            "shards": [{"name": "00000.tar", "count": 6, "bytes": size, "sha256": sha}]}))
+            "shards": [{"name": "00000.tar", "count": 6, "bytes": size, "sha256": sha, "idx_sha256": idx_sha}]}))
         cache = tmp_path / f"cache-{sha[:4]}"
         loader = build_train_loader(DataConfig(shards=str(folder), batch_size=2, backend="pytorch", num_threads=0,
                                                cache_dir=str(cache)), 0, 1, 0, 0, SIZE, id_tokenizer, with_keys=True)

@@ -399,3 +399,9 @@ def test_encode_image_refuses_integers_and_non_finite_pixels():
         model.encode_image(bad)
     model.train()  # training leaves non-finite inputs to the trainer's loss guard (no per-step sync)
     assert model.encode_image(bad).shape == (2, model.config.embed_dim)
+
+
+def test_the_causal_mask_of_openai_archives_is_not_a_non_finite_weight():
+    sd = clipforge.create_model("tiny-vit").state_dict()
+    sd["attn_mask"] = torch.full((77, 77), float("-inf")).triu(1)  # as OpenAI's state dicts carry it
+    clipforge.load(sd, model_name="tiny-vit")

@@ -409,8 +409,11 @@ def test_make_shards_refuses_pipes_devices_links_out_and_duplicate_stems(tmp_pat
     (src / "ok0.png").write_bytes(encode(Image.new("RGB", (9, 9), color_of(14)), "PNG"))  # a second ok0
     (src / "inside_link.jpg").symlink_to(src / "ok1.jpg")  # a link that stays inside is fine
     (src / "inside_link.txt").write_bytes(caption_of(15))
+    # worker processes too: the refused paths (and their reasons) travel to them pickled
+    two = shards.make_shards(shards.MakeShardsConfig(str(src), str(tmp_path / "out2"), workers=2, progress=False))
     out = tmp_path / "out"
     stats = shards.make_shards(shards.MakeShardsConfig(str(src), str(out), workers=1, progress=False))
+    assert two["skipped"] == stats["skipped"] and two["count"] == stats["count"]
     assert stats["count"] == 4  # ok0 (the .jpg: first in sorted order), ok1, ok2, inside_link
     assert stats["skipped"] == {"not_a_regular_file": 2, "link_outside_source": 2, "duplicate_image": 1}
     reasons = {os.path.basename(s["source"]): s["reason"] for s in stats["skipped_samples"]}

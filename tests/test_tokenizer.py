@@ -160,6 +160,9 @@ def test_a_megabyte_caption_is_bounded_work(reference):
         if cut is not None:
             assert torch.equal(ours, reference([cut])), text[:30]
     assert clipforge.tokenize("a " * 500_000)[0, 1:76].eq(320).all()  # "a" x 75, then EOT
+    # a run of whitespace before the words cannot push them past the cut
+    for pad in (" " * 20_000, "\n\t " * 10_000):
+        assert torch.equal(clipforge.tokenize(pad + "a photo of a cat"), reference(["a photo of a cat"]))
 
 
 def test_bad_arguments():
