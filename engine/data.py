@@ -832,9 +832,9 @@ class _PillowBatches(torch.utils.data.Dataset):
         image = pil_transform(im, self.size, train=self.train, rng=rng, area=self.area, ratio=self.ratio)
         return image, caption
 
-    def decode(self, b: int, positions=None):
+    def decode(self, b: int):
         """(images, positions used, captions, error counts, files found missing) of batch b."""
-        positions = self.plan.batch_positions(b) if positions is None else list(positions)
+        positions = self.plan.batch_positions(b)
         images, used, captions, errors, missing = [], [], [], Counter(), set()
         taken, cand = set(positions), None
         for i in positions:

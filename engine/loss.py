@@ -223,6 +223,11 @@ class _Impl:
             return dtype if dtype in (torch.float32, torch.float64) else torch.float32
         return dtype
 
+    def prepare(self, image, text):
+        """Detached, contiguous features in this backend's compute dtype (both take image's)."""
+        cdtype = self.compute_dtype(image.dtype)
+        return image.detach().to(cdtype).contiguous(), text.detach().to(cdtype).contiguous()
+
     def _rows(self, image, text) -> int:
         n, m = image.shape[0], text.shape[0]
         size = image.element_size()
@@ -290,26 +295,20 @@ def _global_backward(image, text_all, row_lse, col_lse, s: float, impl: _Impl, g
     return d_image, d_text, d_scale.reshape(())
 
 
-def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 class _ChunkedContrastiveFunction(torch.autograd.Function):
     """The global-batch loss from row/column log-sum-exps; see the module docstring for the scheme."""
 
     @staticmethod
     def forward(ctx, image, text, scale, impl: _Impl, group):
         in_dtypes = (image.dtype, text.dtype)
-        cdtype = impl.compute_dtype(image.dtype)
-        image = image.detach().to(cdtype).contiguous()
-        text = text.detach().to(cdtype).contiguous()
+        image, text = impl.prepare(image, text)
         s = float(scale)
         loss, text_all, row_lse, col_lse = _global_forward(image, text, s, impl, group)
         ctx.save_for_backward(image, text_all, row_lse, col_lse)
         ctx.meta = (impl, group, s, in_dtypes,
                     scale.shape if isinstance(scale, torch.Tensor) else None,
                     scale.dtype if isinstance(scale, torch.Tensor) else None)
-        return loss.to(_loss_dtype(image.dtype))
+        return loss.to(_accumulation_dtype(image.dtype))
 
     @staticmethod
     @once_differentiable
@@ -390,13 +389,11 @@ def contrastive_loss_and_grads(image_features: torch.Tensor, text_features: torc
         acc = _accumulation_dtype(image_features.dtype)
         return loss.detach(), grads[0].to(acc), grads[1].to(acc), grads[2].reshape(())
     impl = _Impl(name, chunk_size)
-    cdtype = impl.compute_dtype(image_features.dtype)
-    image = image_features.detach().to(cdtype).contiguous()
-    text = text_features.detach().to(cdtype).contiguous()
+    image, text = impl.prepare(image_features, text_features)
     s = float(logit_scale)
     loss, text_all, row_lse, col_lse = _global_forward(image, text, s, impl, group)
     d_image, d_text, d_scale = _global_backward(image, text_all, row_lse, col_lse, s, impl, group, 1.0)
-    return loss.to(_loss_dtype(image.dtype)), d_image, d_text, d_scale.to(torch.float32)
+    return loss.to(_accumulation_dtype(image.dtype)), d_image, d_text, d_scale.to(torch.float32)
 
 
 class ContrastiveLoss(nn.Module):

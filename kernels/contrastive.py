@@ -37,13 +37,11 @@ in tests/test_contrastive.py are the real check).
 """
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import triton
 import triton.language as tl
 
-from .utils import check_kernel_device, kernel_flags, multiprocessor_count
+from .utils import TileConfig, check_kernel_device, kernel_flags, multiprocessor_count
 
 # Masked logits: a large finite negative instead of -inf, so fully masked rows/columns give exp(0)
 # (ignored by the masked stores) rather than NaN from (-inf) - (-inf). A constexpr: the JIT refuses
@@ -153,30 +151,21 @@ def _contrastive_probs_kernel(
     tl.store(P + offs, p.to(P.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-@dataclasses.dataclass(frozen=True)
-class LossTiles:
-    block_m: int
-    block_n: int
-    block_k: int
-    num_warps: int
-    num_stages: int
-
-
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 # Column partials of the forward, per launch: 2 x 4 bytes x m x ceil(rows / BLOCK_M); rows are chunked
 # to keep them within this bound.
 WORK_BYTES = 64 * 2**20
 
 
-def loss_tiles(dtype: torch.dtype) -> LossTiles:
+def loss_tiles(dtype: torch.dtype) -> TileConfig:
     """Tiles of both loss kernels, one GEMM-like tile each (compile_gate.py checks every case):
     128 x 128 x 64 on 8 warps with 3 pipeline stages: ~64 FLOP per byte read at a tile (twice the
     64 x 64 tile's), a 128 x 128 fp32 accumulator in 64 registers per thread, 96 KiB of shared memory
     for the staged fp16/bf16 operands (sm80 and sm90). fp32 operands (3xTF32, forced only: each dot
     splits its operands into hi / lo halves, which costs registers) take 64 x 128 x 32 tiles."""
     if dtype == torch.float32:
-        return LossTiles(64, 128, 32, 8, 3)
-    return LossTiles(128, 128, 64, 8, 3)
+        return TileConfig(64, 128, num_warps=8, num_stages=3, block_k=32)
+    return TileConfig(128, 128, num_warps=8, num_stages=3, block_k=64)
 
 
 def _check(image: torch.Tensor, text: torch.Tensor) -> None:

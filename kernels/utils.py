@@ -84,6 +84,7 @@ class TileConfig:
     block_n: int
     num_warps: int = 4
     num_stages: int = 2
+    block_k: int | None = None  # the K loop's tile, for kernels that have one (the loss)
 
 
 def attention_tiles(
