@@ -52,7 +52,8 @@ setup(
     version=_version(),
     description="Fast CLIP training and serving: Triton kernels, chunked contrastive loss, DeepSpeed, DALI",
     # the data folders are listed as packages so that setuptools ships them without deprecation warnings
-    packages=["clipforge", "clipforge.kernels", "clipforge.assets", "clipforge.assets.templates"],
+    packages=["clipforge", "clipforge.model", "clipforge.data", "clipforge.train", "clipforge.serve",
+              "clipforge.kernels", "clipforge.assets", "clipforge.assets.templates"],
     package_dir={"clipforge": "engine", "clipforge.kernels": "kernels"},
     package_data={"clipforge.assets": ["*.gz", "*.txt"], "clipforge.assets.templates": ["*.json"]},
     include_package_data=True,

@@ -69,7 +69,7 @@ def caption(rng) -> str:
 
 def dataset(side: int) -> str:
     """make-shards output of SIDES[side] photo-like JPEGs (built once, then reused)."""
-    from clipforge.shards import MakeShardsConfig, make_shards
+    from clipforge.data.make_shards import MakeShardsConfig, make_shards
 
     base = os.environ.get("CLIPFORGE_BENCH_DATA", os.path.join(ROOT, ".cache", "bench_dataloader"))
     out = os.path.join(base, f"shards{side}-{SIDES[side]}")

@@ -61,7 +61,7 @@ def _openclip_tokenizer():
 
 def _factory(provider):
     if provider == "clipforge":
-        from clipforge.tokenizer import SimpleTokenizer
+        from clipforge.model.tokenizer import SimpleTokenizer
 
         return SimpleTokenizer
     return _openclip_tokenizer()

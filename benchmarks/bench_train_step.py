@@ -71,9 +71,9 @@ class _NoData:
 
 
 def _clipforge_step(preset: str, batch: int, micro: int, precision: str, images, tokens):
-    from clipforge.train import init_distributed
-    from clipforge.train_config import TrainConfig
-    from clipforge.trainer import Trainer
+    from clipforge.train.distributed import init_distributed
+    from clipforge.train.config import TrainConfig
+    from clipforge.train.trainer import Trainer
 
     init_distributed()
     cfg = TrainConfig.from_dict({
@@ -99,7 +99,7 @@ def _clipforge_step(preset: str, batch: int, micro: int, precision: str, images,
 def _openclip_model(preset: str):
     from open_clip.model import CLIP as OpenCLIPModel
 
-    from clipforge.config import get_preset
+    from clipforge.model.config import get_preset
 
     cfg = get_preset(preset)
     v, t = cfg.vision, cfg.text
@@ -140,7 +140,7 @@ def _make_step(provider, preset, batch, micro, precision, device):
     pytest.importorskip("deepspeed")
     if provider == "openclip":
         pytest.importorskip("open_clip")
-    from clipforge.config import get_preset
+    from clipforge.model.config import get_preset
 
     images, tokens = _inputs(get_preset(preset), batch, device)
     if provider == "clipforge":
@@ -169,7 +169,7 @@ def test_cpu_train_step(benchmark, preset, batch, micro, provider):
 
 
 def _peak_tflops(device_name: str) -> float | None:
-    from clipforge.plan import spec_for_device
+    from clipforge.train.plan import spec_for_device
 
     found = spec_for_device(device_name)
     return found[1].peak_tflops.get("bf16") if found else None
@@ -180,7 +180,7 @@ def _peak_tflops(device_name: str) -> float | None:
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("preset,batch,micro", GPU_CASES, ids=[f"{p}-{b}" for p, b, _ in GPU_CASES])
 def test_cuda_train_step(benchmark, preset, batch, micro, provider):
-    from clipforge.plan import trace_model
+    from clipforge.train.plan import trace_model
 
     dev = torch.device("cuda")
     inner = _make_step(provider, preset, batch, micro, "bf16", dev)

@@ -20,7 +20,7 @@ def roofline(flops: float, bytes_moved: float, seconds: float | None, precision:
     known GPU. `bytes_moved` counts HBM traffic at its minimum (inputs read and outputs written once)."""
     import torch
 
-    from clipforge.plan import spec_for_device
+    from clipforge.train.plan import spec_for_device
 
     if not torch.cuda.is_available():
         return {}

@@ -1,7 +1,7 @@
 """clipforge: fast CLIP training and serving."""
 from .version import __version__
-from .config import CLIPConfig, TextConfig, VisionConfig, get_preset
-from .model import CLIP, create_model
-from .loading import load, save
-from .tokenizer import tokenize
+from .model.config import CLIPConfig, TextConfig, VisionConfig, get_preset
+from .model.clip import CLIP, create_model
+from .model.weights import load, save
+from .model.tokenizer import tokenize
 from .loss import contrastive_loss, ContrastiveLoss

@@ -14,12 +14,12 @@ import sys
 # `clipforge --help` stays fast and an import error in one module is reported, never hidden.
 # Benchmarks are not a sub-command: they live in the repository's benchmarks/ and run under pytest.
 COMMANDS = {
-    "make-shards": ("clipforge.shards", "write webdataset shards from a folder or CSV/Parquet of images and captions"),
-    "train": ("clipforge.train", "train a CLIP model (DeepSpeed ZeRO, gradient caching)"),
-    "embed": ("clipforge.cli_serve", "embed images or texts into a .npy file"),
-    "zeroshot": ("clipforge.cli_serve", "zero-shot classify a folder of images"),
-    "eval": ("clipforge.cli_serve", "evaluate: zero-shot, retrieval or linear probe"),
-    "plan": ("clipforge.plan", "plan memory, micro-batch and step time for a cluster"),
+    "make-shards": ("clipforge.data.make_shards", "write webdataset shards from a folder or CSV/Parquet of images and captions"),
+    "train": ("clipforge.train.run", "train a CLIP model (DeepSpeed ZeRO, gradient caching)"),
+    "embed": ("clipforge.serve.cli", "embed images or texts into a .npy file"),
+    "zeroshot": ("clipforge.serve.cli", "zero-shot classify a folder of images"),
+    "eval": ("clipforge.serve.cli", "evaluate: zero-shot, retrieval or linear probe"),
+    "plan": ("clipforge.train.plan", "plan memory, micro-batch and step time for a cluster"),
 }
 
 

@@ -9,8 +9,8 @@ import dataclasses
 import math
 import re
 import typing
-from dataclasses import dataclass, field
 from typing import Any
+
 
 
 class ConfigError(ValueError):
@@ -128,160 +128,26 @@ def load_yaml(path, *, what: str = "config file") -> dict:
     return data
 
 
-@dataclass
-class VisionConfig:
-    image_size: int = 224
-    # an int: ViT depth; four ints: ResNet stage depths
-    layers: int | tuple[int, ...] = 12
-    width: int = 768
-    patch_size: int | None = 32  # None for the modified ResNet
-    heads: int | None = None  # default: width // 64 (ViT), width * 32 // 64 (ResNet attention pool)
-    mlp_ratio: float = 4.0
+# ---------------------------------------------------------------------------- YAML and overrides
+def parse_value(text: str):
+    """A `--set` value, read as YAML (numbers, true/false, null, [lists], {maps}, or a string)."""
+    import yaml
 
-    @property
-    def is_resnet(self) -> bool:
-        return isinstance(self.layers, (tuple, list))
-
-    @property
-    def num_heads(self) -> int:
-        if self.heads is not None:
-            return self.heads
-        return self.width * 32 // 64 if self.is_resnet else self.width // 64
-
-    def validate(self, prefix: str = "vision") -> None:
-        _positive(f"{prefix}.width", self.width)
-        _positive(f"{prefix}.image_size", self.image_size)
-        if self.heads is not None:
-            _positive(f"{prefix}.heads", self.heads)
-        if self.is_resnet:
-            if len(self.layers) != 4:
-                raise ConfigError(f"config key '{prefix}.layers' needs 4 stage depths for a ResNet, got {self.layers}")
-            for depth in self.layers:
-                _positive(f"{prefix}.layers", depth)
-            if self.image_size % 32:
-                raise ConfigError(f"config key '{prefix}.image_size' must be a multiple of 32 for a ResNet")
-        else:
-            _positive(f"{prefix}.layers", self.layers)
-            if not self.patch_size:
-                raise ConfigError(f"config key '{prefix}.patch_size' is required for a vision transformer")
-            if self.image_size % self.patch_size:
-                raise ConfigError(f"config key '{prefix}.image_size' must be a multiple of patch_size")
+    return yaml.load(text, Loader=yaml_loader())
 
 
-@dataclass
-class TextConfig:
-    context_length: int = 77
-    vocab_size: int = 49408
-    width: int = 512
-    heads: int = 8
-    layers: int = 12
-    mlp_ratio: float = 4.0
-
-    def validate(self, prefix: str = "text") -> None:
-        for key in ("context_length", "vocab_size", "width", "heads", "layers"):
-            _positive(f"{prefix}.{key}", getattr(self, key))
-
-
-def _positive(key: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"config key '{key}' must be a positive integer, got {value!r}")
-
-
-@dataclass
-class CLIPConfig:
-    embed_dim: int = 512
-    vision: VisionConfig = field(default_factory=VisionConfig)
-    text: TextConfig = field(default_factory=TextConfig)
-    quick_gelu: bool = True  # OpenAI's released weights; OpenCLIP's LAION weights use plain GELU
-    init_logit_scale: float = math.log(1 / 0.07)
-    attention_backend: str = "auto"  # see clipforge.ops
-    grad_checkpointing: bool = False
-
-    def __post_init__(self):
-        self.vision.validate()
-        self.text.validate()
-        _positive("embed_dim", self.embed_dim)
-        if self.vision.is_resnet:
-            self.vision.layers = tuple(self.vision.layers)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "CLIPConfig":
-        return dataclass_from_dict(cls, data)
-
-    @classmethod
-    def from_yaml(cls, path) -> "CLIPConfig":
-        return cls.from_dict(load_yaml(path))
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def replace(self, **overrides) -> "CLIPConfig":
-        data = self.to_dict()
-        for key, value in overrides.items():
-            if key in ("vision", "text") and isinstance(value, dict):
-                data[key] = {**data[key], **value}
-            else:
-                data[key] = value
-        return dataclass_from_dict(CLIPConfig, data)
-
-
-def _vit(embed, res, layers, width, patch, t_width, t_heads, t_layers=12):
-    return CLIPConfig(
-        embed_dim=embed,
-        vision=VisionConfig(image_size=res, layers=layers, width=width, patch_size=patch),
-        text=TextConfig(width=t_width, heads=t_heads, layers=t_layers),
-    )
-
-
-def _rn(embed, res, layers, width, t_width, t_heads):
-    return CLIPConfig(
-        embed_dim=embed,
-        vision=VisionConfig(image_size=res, layers=tuple(layers), width=width, patch_size=None),
-        text=TextConfig(width=t_width, heads=t_heads, layers=12),
-    )
-
-
-# CLIP.md's table. Tiny and small presets are for tests, demos and CPU benchmarks.
-PRESETS: dict[str, CLIPConfig] = {
-    "RN50": _rn(1024, 224, (3, 4, 6, 3), 64, 512, 8),
-    "RN101": _rn(512, 224, (3, 4, 23, 3), 64, 512, 8),
-    "RN50x4": _rn(640, 288, (4, 6, 10, 6), 80, 640, 10),
-    "RN50x16": _rn(768, 384, (6, 8, 18, 8), 96, 768, 12),
-    "RN50x64": _rn(1024, 448, (3, 15, 36, 10), 128, 1024, 16),
-    "ViT-B-32": _vit(512, 224, 12, 768, 32, 512, 8),
-    "ViT-B-16": _vit(512, 224, 12, 768, 16, 512, 8),
-    "ViT-L-14": _vit(768, 224, 24, 1024, 14, 768, 12),
-    "ViT-L-14-336": _vit(768, 336, 24, 1024, 14, 768, 12),
-    # test / demo presets: 32 px images, 2 layers, width 64 (head_dim 32)
-    "tiny-vit": CLIPConfig(
-        embed_dim=64,
-        vision=VisionConfig(image_size=32, layers=2, width=64, patch_size=8, heads=2),
-        text=TextConfig(width=64, heads=2, layers=2),
-    ),
-    "tiny-rn": CLIPConfig(
-        embed_dim=64,
-        vision=VisionConfig(image_size=64, layers=(1, 1, 1, 1), width=16, patch_size=None, heads=4),
-        text=TextConfig(width=64, heads=2, layers=2),
-    ),
-    # a small but not trivial model for CPU throughput runs
-    "small-vit": CLIPConfig(
-        embed_dim=256,
-        vision=VisionConfig(image_size=64, layers=4, width=256, patch_size=8, heads=4),
-        text=TextConfig(width=256, heads=4, layers=4),
-    ),
-}
-_ALIASES = {"ViT-B/32": "ViT-B-32", "ViT-B/16": "ViT-B-16", "ViT-L/14": "ViT-L-14", "ViT-L/14@336px": "ViT-L-14-336"}
-
-
-def get_preset(name: str) -> CLIPConfig:
-    """The config of a preset (a fresh copy). `NAME-quickgelu` / OpenAI's `ViT-B/32` spellings are understood."""
-    base = _ALIASES.get(name, name)
-    quick = None
-    if base.endswith("-quickgelu"):
-        base, quick = base[: -len("-quickgelu")], True
-    if base not in PRESETS:
-        raise ValueError(f"unknown model name {name!r}; known models: {', '.join(PRESETS)}")
-    cfg = PRESETS[base].replace()
-    if quick is not None:
-        cfg.quick_gelu = quick
-    return cfg
+def apply_override(data: dict, item: str) -> None:
+    """Apply one `key.sub=value` override to the raw config dict (validated later with the rest)."""
+    if "=" not in item:
+        raise ConfigError(f"--set expects key.sub=value, got {item!r}")
+    key, text = item.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set has an empty key segment in {key!r}")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"config key '{'.'.join(parts[: i + 1])}' is not a section, cannot set {key}")
+        node = child
+    node[parts[-1]] = parse_value(text)

@@ -161,7 +161,7 @@ def prepare_data(data_dir: str, *, seed: int = 0, captions_per_image: int = 4, h
     """
     from PIL import Image
 
-    from . import shards
+    from .data import make_shards as shards
 
     params = _data_params(seed, captions_per_image, heldout_fraction, shard_size)
     why = data_is_current(data_dir, params)
@@ -268,7 +268,7 @@ def launcher() -> str:
 def train(config: str, run_dir: str, data_dir: str, *, ranks: int, max_steps: int | None, overrides=()) -> None:
     """Launch `deepspeed --num_gpus RANKS --module clipforge.train` on the demo shards; the launcher's
     output goes to the console and to run_dir/train.log."""
-    from .train import free_port, remove_shm_buffers
+    from .train.distributed import free_port, remove_shm_buffers
 
     port = free_port()
     cmd = [launcher(), "--num_gpus", str(ranks), "--master_port", str(port), "--module", "clipforge.train",
@@ -331,8 +331,8 @@ class _Console:
 def evaluate(run_dir: str, data_dir: str) -> dict:
     """Zero-shot top-1 on the held-out images: classifier from the class names + prompt ensembling."""
     import clipforge
-    from clipforge.eval import zeroshot_eval
-    from clipforge.zeroshot import get_templates
+    from clipforge.serve.evaluate import zeroshot_eval
+    from clipforge.serve.prompts import get_templates
 
     model = clipforge.load(os.path.join(run_dir, "model.safetensors"))
     templates = get_templates(EVAL_TEMPLATES)

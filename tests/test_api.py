@@ -8,9 +8,10 @@ import torch
 from PIL import Image
 
 import clipforge
-from clipforge.api import ImageReadError, preprocess, progress_path, write_embeddings
+from clipforge.data.images import ImageReadError, preprocess
+from clipforge.serve.embed_file import progress_path, write_embeddings
 from clipforge.data import CLIP_MEAN, CLIP_STD
-from clipforge.zeroshot import get_templates, template_sets
+from clipforge.serve.prompts import get_templates, template_sets
 from conftest import DIGIT_NAMES as NAMES, digit_pixels
 
 
@@ -258,7 +259,7 @@ def test_embed_on_gpu_with_autocast_matches_cpu(tmp_path):
 
 def test_non_finite_embeddings_never_leave_the_api(monkeypatch):
     import clipforge
-    from clipforge.api import NonFiniteOutputError
+    from clipforge.serve.embed import NonFiniteOutputError
 
     model = clipforge.create_model("tiny-vit").eval()
     real = model.encode_text

@@ -11,7 +11,8 @@ from PIL import Image
 
 import clipforge
 from clipforge import cli
-from clipforge.api import preprocess, progress_path
+from clipforge.data.images import preprocess
+from clipforge.serve.embed_file import progress_path
 from conftest import DIGIT_NAMES as NAMES, digit_pixels
 
 

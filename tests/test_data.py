@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from clipforge import data
+from clipforge.data import order
+from clipforge.model.tokenizer import EOT_ID, SOT_ID
 from clipforge.data import CLIP_MEAN, CLIP_STD, DataConfig, build_eval_loader, build_train_loader, rank_slice
 from test_shards import caption_of, encode, expected_color, make_raw_dataset, solid_jpeg, write_tar
 
@@ -161,11 +163,11 @@ def test_epoch_plan_addresses_the_rank_slice(start):
         kw = dict(seed=5, epoch=2, shuffle=True)
         segs = data.rank_segments(counts, rank=rank, world_size=2, **kw)
         sh, sm = rank_slice(counts, rank=rank, world_size=2, **kw)
-        plan = data._EpochPlan(cat, segs, start=min(start, len(sh)), batch_size=4, n_batches=-1, **kw)
+        plan = order._EpochPlan(cat, segs, start=min(start, len(sh)), batch_size=4, n_batches=-1, **kw)
         want = list(zip(sh.tolist(), sm.tolist()))[start:]
         assert [plan.locate(i) for i in range(plan.n)] == want
         assert [(s, int(x)) for s, part in plan.runs() for x in part] == want
-        capped = data._EpochPlan(cat, segs, start=min(start, 8), batch_size=4, n_batches=2, **kw)
+        capped = order._EpochPlan(cat, segs, start=min(start, 8), batch_size=4, n_batches=2, **kw)
         assert capped.n == max(0, 8 - min(start, 8))
         assert sum(len(p) for _, p in capped.runs()) == capped.n
 
@@ -384,7 +386,7 @@ def test_an_epoch_with_nothing_usable_stops_with_one_sentence(tmp_path, backend)
 
 def test_make_shards_output_is_trusted_and_read_by_both(raw, tmp_path):
     """make-shards over the raw samples: the loader reads its index without re-validating."""
-    from clipforge import shards
+    from clipforge.data import make_shards as shards
 
     folder, paths, deliver, skips = raw
     src = tmp_path / "src"
@@ -438,7 +440,8 @@ def test_a_forged_stats_json_switches_no_validation_off(tmp_path):
     import json
     import zlib
 
-    from clipforge import shards
+    from clipforge.data import make_shards as shards
+    from clipforge.data import webdataset
 
     def png_bomb(side=60_000):  # a valid header, an IDAT of deflated zeros: the decode would need 10 GB
         import struct
@@ -456,12 +459,12 @@ def test_a_forged_stats_json_switches_no_validation_off(tmp_path):
     bad = [("bomb", {"png": png_bomb(), "txt": caption_of(90)}),
            ("cut", {"jpg": solid_jpeg(91)[:200], "txt": caption_of(91)})]
     write_tar(str(folder / "00000.tar"), good[:2] + bad + good[2:])
-    shards.index_tar(str(folder / "00000.tar"))
+    webdataset.index_tar(str(folder / "00000.tar"))
     size = os.path.getsize(folder / "00000.tar")
-    idx_sha = shards.sha256_file(str(folder / "00000.idx"))
-    for sha in ("0" * 64, shards.sha256_file(solid_jpeg.__code__.co_filename)):
+    idx_sha = webdataset.sha256_file(str(folder / "00000.idx"))
+    for sha in ("0" * 64, webdataset.sha256_file(solid_jpeg.__code__.co_filename)):
         (folder / "stats.json").write_text(json.dumps({
-            "format": shards.STATS_FORMAT, "validated": True, "count": 6,
+            "format": webdataset.STATS_FORMAT, "validated": True, "count": 6,
             "shards": [{"name": "00000.tar", "count": 6, "bytes": size, "sha256": sha, "idx_sha256": idx_sha}]}))
         cache = tmp_path / f"cache-{sha[:4]}"
         loader = build_train_loader(DataConfig(shards=str(folder), batch_size=2, backend="pytorch", num_threads=0,
@@ -560,7 +563,7 @@ def test_synthetic_loader_shapes_and_learnable_pairs():
         assert len(loader) == 2
         for images, tokens, keys in loader:
             assert images.shape == (len(keys), 3, 16, 16) and images.dtype == torch.float32
-            assert tokens[:, 0].eq(data.SOT_ID).all() and tokens[:, 2].eq(data.EOT_ID).all()
+            assert tokens[:, 0].eq(SOT_ID).all() and tokens[:, 2].eq(EOT_ID).all()
             cls = torch.tensor([int(k[9:]) % 4 for k in keys])
             assert torch.equal(tokens[:, 1], 1000 + cls)
             seen += keys
@@ -582,7 +585,7 @@ def test_config_errors(tmp_path):
 
 
 def test_caption_thread_keeps_order_and_surfaces_errors_at_their_item():
-    from clipforge.data import _ThreadAhead
+    from clipforge.data.dali import _ThreadAhead
 
     class Items:
         def __len__(self):

@@ -28,7 +28,7 @@ def _mtimes(root: str) -> dict:
 
 def _train_sources(data_dir: str) -> list[tuple[int, str]]:
     """(digits image id, caption) of every training pair, read back from the shards."""
-    from clipforge.eval import _webdataset_samples
+    from clipforge.serve.datasets import _webdataset_samples
 
     out = []
     for _, comps in _webdataset_samples(os.path.join(data_dir, "train")):

@@ -10,9 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from clipforge import eval as cfeval
+from clipforge.serve import evaluate as cfeval
+from clipforge.serve import datasets
 from clipforge.reference import retrieval_recall
-from clipforge.retrieval import recall_at_k
+from clipforge.serve.retrieval import recall_at_k
 from conftest import DIGIT_NAMES as NAMES, digit_pixels
 
 TEMPLATES = ["a handwritten {}", "a scan of the number {}"]
@@ -84,9 +85,9 @@ def test_zeroshot_on_labelled_webdataset(digit_sets, tmp_path):
     assert sorted(k.split(":")[1] for k, _ in rep["skipped"]) == ["broken", "nolabel"]
     probs = model.classify(list(pixels[:n]), model.zero_shot_classifier(NAMES, TEMPLATES))
     assert rep["top1"] == pytest.approx(float((probs.argmax(1) == labels[:n]).mean()))
-    with pytest.raises(cfeval.EvalDataError, match="give the class names"):
+    with pytest.raises(datasets.EvalDataError, match="give the class names"):
         cfeval.zeroshot_eval(model, str(tmp_path / "00000.tar"), templates=TEMPLATES)
-    with pytest.raises(cfeval.EvalDataError, match="label 9 but only 3 class names"):
+    with pytest.raises(datasets.EvalDataError, match="label 9 but only 3 class names"):
         cfeval.zeroshot_eval(model, str(tmp_path / "00000.tar"), classes="a,b,c", templates=TEMPLATES)
 
 
@@ -144,14 +145,14 @@ def test_linear_probe_search_picks_the_best_validation_c():
 def test_bad_datasets(digit_sets, tmp_path):
     model, root, _, _ = digit_sets
     (tmp_path / "empty").mkdir()
-    with pytest.raises(cfeval.EvalDataError, match="no class sub-folders"):
+    with pytest.raises(datasets.EvalDataError, match="no class sub-folders"):
         cfeval.zeroshot_eval(model, str(tmp_path / "empty"))
-    with pytest.raises(cfeval.EvalDataError, match="10 class folders but 2 class names"):
+    with pytest.raises(datasets.EvalDataError, match="10 class folders but 2 class names"):
         cfeval.zeroshot_eval(model, str(root / "val"), classes="a,b")
     with pytest.raises(ValueError, match="duplicate class name"):
         cfeval.zeroshot_eval(model, str(root / "val"), classes=",".join(NAMES[:9] + ["zero"]))
     (tmp_path / "bad.csv").write_text("file_name,label\nx.png,1\n")
-    with pytest.raises(cfeval.EvalDataError, match="no image-path column"):
+    with pytest.raises(datasets.EvalDataError, match="no image-path column"):
         cfeval.retrieval_eval(model, str(tmp_path / "bad.csv"))
     with pytest.raises(ValueError, match="unknown evaluation task"):
         cfeval.evaluate(model, cfeval.EvalConfig(task="captioning", data="x"))

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import clipforge
-from clipforge.config import ConfigError, PRESETS
-from clipforge.loading import CheckpointError
+from clipforge.config import ConfigError
+from clipforge.model.config import PRESETS
+from clipforge.model.weights import CheckpointError
 from clipforge.model import num_parameters
 
 open_clip = pytest.importorskip("open_clip")
@@ -341,7 +342,7 @@ t = time.perf_counter()
 try:
     clipforge.load(sys.argv[1])
     print("LOADED")
-except clipforge.loading.CheckpointError as exc:
+except clipforge.model.weights.CheckpointError as exc:
     print("REFUSED", exc)
 print(f"SECONDS {time.perf_counter() - t:.3f} EXTRA_MB {(status('VmHWM') - before) / 1024:.1f}")
 """

@@ -12,8 +12,8 @@ import torch
 import yaml
 
 import clipforge
-from clipforge import plan as planner
-from clipforge.train_config import TrainConfig
+from clipforge.train import plan as planner
+from clipforge.train.config import TrainConfig
 
 REL = 0.15  # the bound: the planner's terms within 15% of the measured ones
 

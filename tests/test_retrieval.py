@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from clipforge import ops, reference
-from clipforge.retrieval import chunked_topk, recall_at_k
+from clipforge.serve.retrieval import chunked_topk, recall_at_k
 
 BACKENDS = [
     pytest.param("cpp", marks=pytest.mark.skipif(
@@ -81,7 +81,7 @@ def test_recall_coco_sized_matches_reference(coco_sized, backend):
 _MEMORY_PROBE = textwrap.dedent("""
     import json, sys, torch
     from clipforge import reference
-    from clipforge.retrieval import recall_at_k
+    from clipforge.serve.retrieval import recall_at_k
     sys.path.insert(0, {tests_dir!r})
     from test_retrieval import make_retrieval_set
 

@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clipforge import shards
-from clipforge.shards import check_caption, check_image, jpeg_structure_error
+from clipforge.data import make_shards as shards
+from clipforge.data import validate
+from clipforge.data import webdataset
+from clipforge.data.validate import check_caption, check_image, jpeg_structure_error
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,11 +260,11 @@ def test_index_matches_dalis_wds2idx(tmp_path):
     path = str(tmp_path / "a.tar")
     write_tar(path, [("dir/k.0", {"jpg": solid_jpeg(0), "txt": b"x", "json": b"{}"}),
                      ("k1", {"txt": b"y" * 513}), ("k2", {"jpg": solid_jpeg(2, size=(3, 700))})])
-    ours = shards.index_tar(path, str(tmp_path / "ours.idx"))
+    ours = webdataset.index_tar(path, str(tmp_path / "ours.idx"))
     with wds2idx.IndexCreator(path, str(tmp_path / "ref.idx"), verbose=False) as ic:
         ic.create_index()
     assert open(ours).read() == open(tmp_path / "ref.idx").read()
-    parsed = shards.read_index(ours)
+    parsed = webdataset.read_index(ours)
     assert [c[0][3] for c in parsed] == ["dir/k.0.jpg", "k1.txt", "k2.jpg"]
     with open(path, "rb") as f:  # offsets point at the members' data
         ext, off, size, name = parsed[2][0]
@@ -274,7 +276,7 @@ def test_read_index_rejects_wrong_count(tmp_path):
     p = tmp_path / "x.idx"
     p.write_text("v1.2 3\njpg 512 10 a.jpg\n")
     with pytest.raises(ValueError, match="announces 3 samples"):
-        shards.read_index(str(p))
+        webdataset.read_index(str(p))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,7 +311,7 @@ def _read_shard(path):
     out = {}
     with tarfile.open(path) as tar:
         for m in tar:
-            key, ext = shards.split_name(m.name)
+            key, ext = webdataset.split_name(m.name)
             out.setdefault(key, {})[ext] = tar.extractfile(m).read()
     return out
 
@@ -321,7 +323,7 @@ def test_make_shards_folder(tmp_path):
 
     assert cli.main(["make-shards", str(tmp_path / "src"), out, "--shard-size", "5", "--workers", "2", "--quiet"]) == 0
     stats = json.load(open(os.path.join(out, "stats.json")))
-    assert stats["validated"] and stats["format"] == shards.STATS_FORMAT
+    assert stats["validated"] and stats["format"] == webdataset.STATS_FORMAT
     assert stats["count"] == len(good) and stats["skipped"] == expected_skips
     assert stats["seen"] == len(good) + sum(expected_skips.values())
     assert {s["reason"] for s in stats["skipped_samples"]} == set(expected_skips)
@@ -342,9 +344,9 @@ def test_make_shards_folder(tmp_path):
             assert (meta["width"], meta["height"]) == im.size and meta["caption"] == comps["txt"].decode()
             captions.add(comps["txt"].decode())
         # the index make-shards wrote is the index of the tar it wrote
-        idx = shards.read_index(tar_path[:-4] + ".idx")
+        idx = webdataset.read_index(tar_path[:-4] + ".idx")
         assert [[c[:3] for c in comps] for comps in idx] == [
-            [(e, *v[:2]) for e, v in comps.items()] for _, comps in shards.scan_tar(tar_path)]
+            [(e, *v[:2]) for e, v in comps.items()] for _, comps in webdataset.scan_tar(tar_path)]
     assert captions == set(good)
 
 
@@ -435,19 +437,19 @@ def test_make_shards_refuses_pipes_devices_links_out_and_duplicate_stems(tmp_pat
 def test_read_file_bounds(tmp_path):
     big = tmp_path / "big.bin"
     big.write_bytes(b"x" * 2048)
-    assert shards.read_file(str(big)) == b"x" * 2048
-    with pytest.raises(shards.UnreadableFile, match="over the 1,024-byte limit") as info:
-        shards.read_file(str(big), limit=1024)
+    assert validate.read_file(str(big)) == b"x" * 2048
+    with pytest.raises(validate.UnreadableFile, match="over the 1,024-byte limit") as info:
+        validate.read_file(str(big), limit=1024)
     assert info.value.reason == "file_too_large"
-    with pytest.raises(shards.UnreadableFile, match="a device"):
-        shards.read_file("/dev/zero")
+    with pytest.raises(validate.UnreadableFile, match="a device"):
+        validate.read_file("/dev/zero")
     import socket
 
     sock_path = str(tmp_path / "s.sock")
     server = socket.socket(socket.AF_UNIX)
     server.bind(sock_path)
     try:
-        with pytest.raises(shards.UnreadableFile, match="socket"):
-            shards.read_file(sock_path)
+        with pytest.raises(validate.UnreadableFile, match="socket"):
+            validate.read_file(sock_path)
     finally:
         server.close()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import clipforge
-from clipforge import tokenizer as tk
+from clipforge.model import tokenizer as tk
 
 open_clip = pytest.importorskip("open_clip")
 

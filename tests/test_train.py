@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from clipforge.train import free_port
+from clipforge.train.distributed import free_port
 
 pytest.importorskip("deepspeed")
 
@@ -82,7 +82,7 @@ def one_rank():
     """A 1-rank gloo group in this process for in-process runs, removed after this module."""
     import torch.distributed as dist
 
-    from clipforge.train import init_distributed
+    from clipforge.train.distributed import init_distributed
 
     created = not dist.is_initialized()
     init_distributed()
@@ -187,7 +187,7 @@ def reference_gradients(cfg) -> dict:
     """Plain autograd of the reference loss over the whole first global batch, one process."""
     import clipforge
     from clipforge import reference
-    from clipforge.trainer import SyntheticPairs
+    from clipforge.train.trainer import SyntheticPairs
 
     torch.manual_seed(cfg.seed)  # the trainer's initial weights
     model = clipforge.create_model(cfg.model.name, **cfg.model.overrides)
@@ -229,8 +229,8 @@ def test_step_gradient_equals_full_batch_gradient(tmp_path, one_rank, micro, gra
     """What DeepSpeed steps with is the plain gradient of the loss over the global batch, whatever the
     micro-batch (1 = sixteen cached forwards), with activation checkpointing on or off, with the chunked
     C++ loss (auto on CPU) or the PyTorch one."""
-    from clipforge.train_config import TrainConfig
-    from clipforge.trainer import Trainer
+    from clipforge.train.config import TrainConfig
+    from clipforge.train.trainer import Trainer
 
     cfg = TrainConfig.from_dict(_merge(BASE, {"batch": {"micro_size": micro}, "output_dir": str(tmp_path),
                                               "model": {"grad_checkpointing": grad_checkpointing},
@@ -242,8 +242,8 @@ def test_step_gradient_equals_full_batch_gradient(tmp_path, one_rank, micro, gra
 
 def test_gradient_caching_replays_rng(one_rank, tmp_path):
     """With randomness inside the forward, the replayed micro-batches must draw the same numbers."""
-    from clipforge.train_config import TrainConfig
-    from clipforge.trainer import Trainer
+    from clipforge.train.config import TrainConfig
+    from clipforge.train.trainer import Trainer
 
     def noisy(module, inputs, output):  # a dropout-like draw on the image features
         return output + 0.1 * torch.randn_like(output)
@@ -270,7 +270,7 @@ def test_zero_two_ranks_match_one_process(reference_run, tmp_path, stage, micro)
     - the reduced gradient DeepSpeed steps with at step 1 equals one process's plain autograd gradient
       over the global batch (the loss's cross-rank convention, DeepSpeed's average, 1/GAS accounted for);
     - per-step losses and final weights equal the 1-process run's."""
-    from clipforge.train_config import TrainConfig
+    from clipforge.train.config import TrainConfig
 
     config = write_config(tmp_path, f"zero{stage}", batch={"micro_size": micro}, deepspeed={"zero_stage": stage})
     grads = tmp_path / "grads.pt"
@@ -324,7 +324,7 @@ def test_resume_matches_straight_run(tmp_path, one_rank, stage):
     # step_000005 (not ours to judge) stays, ignored
     assert sorted(os.listdir(ckpts)) == ["step_000003", "step_000005", "step_000006"]
     # an explicit path to an incomplete checkpoint is refused
-    from clipforge.checkpoint import CheckpointError, resolve_resume
+    from clipforge.train.checkpoint import CheckpointError, resolve_resume
 
     with pytest.raises(CheckpointError, match="interrupted"):
         resolve_resume(str(ckpts / "step_000005"), str(ckpts))
@@ -376,7 +376,7 @@ def test_deepspeed_checkpoint_files_load_without_code(tmp_path):
     """DeepSpeed's own files are read with weights_only=True: a pickle that would run code is refused."""
     import pickle
 
-    from clipforge.trainer import _weights_only_load
+    from clipforge.train.trainer import _weights_only_load
 
     class Payload:
         def __reduce__(self):
@@ -397,9 +397,9 @@ def test_main_reports_bad_resume_and_batch(tmp_path, one_rank, capsys):
 
 
 def test_trainer_state_loads_with_weights_only(tmp_path, one_rank):
-    from clipforge.checkpoint import load_trainer_state, save_trainer_state
-    from clipforge.train_config import TrainConfig
-    from clipforge.trainer import Trainer
+    from clipforge.train.checkpoint import load_trainer_state, save_trainer_state
+    from clipforge.train.config import TrainConfig
+    from clipforge.train.trainer import Trainer
 
     trainer = Trainer(TrainConfig.from_dict(_merge(BASE, {"output_dir": str(tmp_path)})))
     trainer.train_step()
@@ -416,8 +416,8 @@ def test_logit_scale_clamped_in_model_and_master_copy(tmp_path, one_rank, stage)
 
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from clipforge.train_config import TrainConfig
-    from clipforge.trainer import Trainer
+    from clipforge.train.config import TrainConfig
+    from clipforge.train.trainer import Trainer
 
     cfg = TrainConfig.from_dict(_merge(BASE, {
         "model": {"overrides": {"init_logit_scale": 4.9}}, "deepspeed": {"zero_stage": stage},
@@ -437,8 +437,8 @@ def test_logit_scale_clamped_in_model_and_master_copy(tmp_path, one_rank, stage)
 
 
 def test_nonfinite_losses_skip_then_stop(tmp_path, one_rank):
-    from clipforge.train_config import TrainConfig
-    from clipforge.trainer import NonFiniteLossError, Trainer
+    from clipforge.train.config import TrainConfig
+    from clipforge.train.trainer import NonFiniteLossError, Trainer
 
     cfg = TrainConfig.from_dict(_merge(BASE, {"max_nonfinite_steps": 3, "batch": {"micro_size": 8},
                                               "output_dir": str(tmp_path)}))
@@ -495,8 +495,8 @@ def test_loss_receives_features_in_the_model_precision(tmp_path, one_rank, dtype
     """Under precision.dtype bf16 the loss gets the model's bf16 features (as OpenCLIP's autocast hands its
     loss; on a GPU that is the Triton row of clipforge.ops' table), plain and gradient-cached; fp32 stays
     fp32. The scale is always fp32."""
-    from clipforge.train_config import TrainConfig
-    from clipforge.trainer import Trainer
+    from clipforge.train.config import TrainConfig
+    from clipforge.train.trainer import Trainer
 
     cfg = TrainConfig.from_dict(_merge(BASE, {"batch": {"micro_size": micro}, "output_dir": str(tmp_path),
                                               "precision": {"dtype": dtype}, "deepspeed": {"zero_stage": 2}}))
@@ -554,8 +554,9 @@ def _probe(out: str, config: str) -> None:
     DeepSpeed steps with at step 1."""
     import torch.distributed as dist
 
-    from clipforge.train import init_distributed, train
-    from clipforge.train_config import TrainConfig
+    from clipforge.train.distributed import init_distributed
+    from clipforge.train import train
+    from clipforge.train.config import TrainConfig
 
     init_distributed()
     captured = {}
@@ -576,8 +577,9 @@ def _damage(shards: str, config: str) -> None:
     validated catalog still points at them), then both ranks go on."""
     import torch.distributed as dist
 
-    from clipforge.train import init_distributed, train
-    from clipforge.train_config import TrainConfig
+    from clipforge.train.distributed import init_distributed
+    from clipforge.train import train
+    from clipforge.train.config import TrainConfig
 
     init_distributed()
 

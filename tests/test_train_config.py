@@ -9,7 +9,8 @@ import pytest
 import torch
 import yaml
 
-from clipforge.train_config import ConfigError, TrainConfig, apply_override
+from clipforge.train.config import ConfigError, TrainConfig
+from clipforge.config import apply_override
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -169,7 +170,7 @@ def test_adam_hyperparameters_follow_the_model_family():
 @pytest.mark.parametrize("preset", ["tiny-vit", "tiny-rn"])
 def test_no_weight_decay_on_gains_biases_norms_and_scale(preset):
     import clipforge
-    from clipforge.trainer import param_groups
+    from clipforge.train.trainer import param_groups
 
     model = clipforge.create_model(preset)
     decay, no_decay = param_groups(model, 0.2)
@@ -193,7 +194,7 @@ def test_no_weight_decay_on_gains_biases_norms_and_scale(preset):
 
 
 def test_lr_schedule_warmup_then_cosine():
-    from clipforge.trainer import lr_factor
+    from clipforge.train.trainer import lr_factor
 
     warm, total = 4, 20
     values = [lr_factor(s, warm, total, 0.1) for s in range(total + 3)]
@@ -235,7 +236,7 @@ def test_clipforge_cli_train_subcommand(tmp_path, capsys):
                                         ("schedule.min_lr_ratio", ".nan")])
 def test_non_finite_numbers_are_refused_by_key(tmp_path, key, value):
     from clipforge.config import ConfigError
-    from clipforge.train_config import TrainConfig
+    from clipforge.train.config import TrainConfig
 
     path = tmp_path / "c.yaml"
     path.write_text("model: {name: tiny-vit}\n")

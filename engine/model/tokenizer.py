@@ -24,10 +24,11 @@ import html
 import importlib.resources
 import numbers
 from typing import Iterable, Sequence
-
 import ftfy
 import regex
 import torch
+
+
 
 SOT_TEXT = "<|startoftext|>"
 EOT_TEXT = "<|endoftext|>"
@@ -97,7 +98,7 @@ def _clean(text: str) -> str:
 
 def _read_merges(path=None) -> list[tuple[str, str]]:
     if path is None:
-        resource = importlib.resources.files(__package__).joinpath("assets", _VOCAB_FILE)
+        resource = importlib.resources.files("clipforge").joinpath("assets", _VOCAB_FILE)
         try:
             data = resource.read_bytes()
         except FileNotFoundError as exc:

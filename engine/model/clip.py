@@ -7,14 +7,13 @@ call goes through `clipforge.ops.attention`, so the backend (Triton, SDPA, xform
 from __future__ import annotations
 
 from collections import OrderedDict
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from . import ops
-from .api import EmbeddingMixin
+from .. import ops
+from ..serve.embed import EmbeddingMixin
 from .config import CLIPConfig, TextConfig, VisionConfig
 
 

@@ -25,109 +25,24 @@ rerun continues after the last batch recorded there and produces the same file a
 from __future__ import annotations
 
 import contextlib
-import csv
-import hashlib
-import json
 import os
 import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterable, Iterator, Sequence
-
+from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..data.images import ImageReadError, load_image
+
+
 # Inputs longer than this many batches get a progress bar when progress=None.
 _PROGRESS_MIN_BATCHES = 8
-PROGRESS_FORMAT = "clipforge-embed-progress/1"
-
-
-class ImageReadError(ValueError):
-    """An image input could not be read or decoded; the message names it."""
-
-
-# --------------------------------------------------------------------------------------------
-# Preprocessing (one place)
-# --------------------------------------------------------------------------------------------
-
-def _describe(item: Any, index: int | None = None) -> str:
-    where = f"image {index}" if index is not None else "image"
-    if isinstance(item, (str, os.PathLike)):
-        return f"{where} ({os.fspath(item)})"
-    return f"{where} ({type(item).__name__})"
-
-
-def _decode_error(exc: Exception) -> str:
-    from PIL import UnidentifiedImageError
-
-    if isinstance(exc, UnidentifiedImageError):
-        return "not a recognised image format"
-    return f"{type(exc).__name__}: {exc}"
-
-
-def load_image(item: Any, index: int | None = None):
-    """A path, encoded bytes, Pillow image or numpy array -> 8-bit RGB Pillow image (EXIF orientation applied)."""
-    from PIL import Image
-
-    from .data import pil_decode
-    from .shards import pil_to_rgb
-
-    if isinstance(item, (str, os.PathLike)):
-        from .shards import UnreadableFile, read_file
-
-        path = item if isinstance(item, str) else os.fspath(item)
-        try:  # a pipe, a device, a link out of the listed folder or a huge file: refused, never read
-            data = read_file(path)
-        except UnreadableFile as exc:
-            raise ImageReadError(f"cannot read {_describe(item, index)}: {str(exc).split(': ', 1)[-1]}") from None
-        except OSError as exc:
-            raise ImageReadError(f"cannot read {_describe(item, index)}: {exc.strerror or exc}") from None
-        try:
-            return pil_decode(data)
-        except Exception as exc:
-            raise ImageReadError(f"cannot decode {_describe(item, index)}: {_decode_error(exc)}") from None
-    if isinstance(item, (bytes, bytearray, memoryview)):
-        try:
-            return pil_decode(bytes(item))
-        except Exception as exc:
-            raise ImageReadError(f"cannot decode {_describe(item, index)} ({len(item)} bytes): {_decode_error(exc)}") from None
-    if isinstance(item, Image.Image):
-        return pil_to_rgb(item)
-    if isinstance(item, np.ndarray):
-        arr = item
-        if arr.ndim == 3 and arr.shape[2] == 1:
-            arr = arr[:, :, 0]
-        if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))) or 0 in arr.shape:
-            raise ImageReadError(f"{_describe(item, index)}: a numpy image must be (H, W), (H, W, 1), (H, W, 3) or "
-                                 f"(H, W, 4), got shape {item.shape}")
-        if arr.dtype != np.uint8:
-            if not np.issubdtype(arr.dtype, np.floating):
-                raise ImageReadError(f"{_describe(item, index)}: a numpy image must be uint8 or float in [0, 1], "
-                                     f"got {arr.dtype}")
-            if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
-                raise ImageReadError(f"{_describe(item, index)}: float pixels must lie in [0, 1] "
-                                     f"(got [{np.nanmin(arr):.3g}, {np.nanmax(arr):.3g}]); pass uint8 for 0-255 data")
-            arr = np.rint(arr * 255.0).astype(np.uint8)
-        mode = "L" if arr.ndim == 2 else ("RGB" if arr.shape[2] == 3 else "RGBA")
-        return pil_to_rgb(Image.fromarray(np.ascontiguousarray(arr), mode))
-    raise ImageReadError(f"{_describe(item, index)}: unsupported image type {type(item).__name__}; pass a path, "
-                         "bytes, a PIL image, a numpy array or a preprocessed tensor")
-
-
-def preprocess(images: Sequence[Any], size: int) -> torch.Tensor:
-    """Images (paths, bytes, PIL, numpy) -> float32 (N, 3, size, size): bicubic shorter-side resize to
-    `size`, centre crop, RGB, CLIP mean/std. Raises ImageReadError naming the first unreadable one."""
-    from .data import normalize_uint8, pil_transform
-
-    pixels = [pil_transform(load_image(im, i), size, train=False) for i, im in enumerate(images)]
-    if not pixels:
-        return torch.empty(0, 3, size, size)
-    return normalize_uint8(torch.from_numpy(np.stack(pixels)))  # (N, S, S, 3) uint8 -> (N, 3, S, S)
 
 
 def _pixels_or_error(item: Any, index: int, size: int):
-    from .data import pil_transform
+    from ..data.images import pil_transform
 
     try:
         return pil_transform(load_image(item, index), size, train=False), None
@@ -265,7 +180,7 @@ def iter_image_batches(model, images, batch_size: int = 64, *, on_error: str = "
                 uint8.append((len(kept) - 1, pixels))
             batch = None
             if kept:
-                from .data import normalize_uint8
+                from ..data.images import normalize_uint8
 
                 batch = torch.empty(len(kept), 3, size, size)
                 if uint8:
@@ -299,7 +214,7 @@ def _encode_images(model, batch: torch.Tensor, device: torch.device, amp: bool) 
 
 
 def _tokenize(model, texts: Sequence[str]) -> torch.Tensor:
-    from .tokenizer import tokenize
+    from ..model.tokenizer import tokenize
 
     return tokenize(list(texts), context_length=model.context_length)
 
@@ -416,10 +331,10 @@ def zero_shot_classifier(model, classnames: Sequence[str], templates="imagenet",
 
     Each class row is the mean of the normalised text embeddings of every template filled with the
     class name, normalised again (the CLIP paper's ensembling in embedding space). templates: a shipped
-    set name ("imagenet" = the paper's 80, see `clipforge.zeroshot.template_sets()`), a JSON file, or a
+    set name ("imagenet" = the paper's 80, see `clipforge.serve.prompts.template_sets()`), a JSON file, or a
     list of strings each holding one "{}".
     """
-    from .zeroshot import check_classnames, get_templates
+    from .prompts import check_classnames, get_templates
 
     classnames = check_classnames(classnames)
     templates = get_templates(templates)
@@ -485,182 +400,3 @@ class EmbeddingMixin:
 for _name in ("embed_images", "embed_texts", "zero_shot_classifier", "classify"):
     getattr(EmbeddingMixin, _name).__doc__ = globals()[_name].__doc__
 del _name
-
-
-# --------------------------------------------------------------------------------------------
-# Streaming into an .npy file, resumable
-# --------------------------------------------------------------------------------------------
-
-def model_fingerprint(model) -> str:
-    """A short hash of the model's config and output projections (tells a resumed run it has the same model)."""
-    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
-    for name in ("text_projection", "logit_scale"):
-        h.update(getattr(model, name).detach().float().cpu().numpy().tobytes())
-    proj = getattr(model.visual, "proj", None)
-    if proj is None:
-        proj = model.visual.attnpool.c_proj.weight
-    h.update(proj.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def _labels_digest(labels: Sequence[str]) -> str:
-    h = hashlib.sha256()
-    for s in labels:
-        h.update(s.encode("utf-8", "surrogatepass"))
-        h.update(b"\0")
-    return h.hexdigest()[:16]
-
-
-def _write_json_atomic(path: str, obj: dict) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def progress_path(out: str) -> str:
-    return f"{out}.progress.json"
-
-
-def default_index_path(out: str) -> str:
-    stem = out[:-4] if out.endswith(".npy") else out
-    return f"{stem}.index.csv"
-
-
-def _shrink_npy(path: str, rows: int) -> None:
-    """Cut an .npy file (C order, 2-D) to its first `rows` rows in place: rewrite the header's shape, truncate."""
-    with open(path, "r+b") as f:
-        version = np.lib.format.read_magic(f)
-        if version not in ((1, 0), (2, 0)):
-            raise ValueError(f"{path}: unexpected .npy format version {version}")
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read_header(f)
-        data_start = f.tell()
-        if shape[0] == rows:
-            return
-        header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": fortran, "shape": (rows, *shape[1:])}
-        text = repr(header)
-        # Same header length as before (the new shape is never longer): pad with spaces before the newline.
-        size_len = 2 if version == (1, 0) else 4
-        room = data_start - 6 - 2 - size_len
-        if len(text) + 1 > room:
-            raise AssertionError("shrunk .npy header does not fit")
-        f.seek(6 + 2 + size_len)
-        f.write((text + " " * (room - len(text) - 1) + "\n").encode("latin1"))
-        f.truncate(data_start + rows * int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize)
-
-
-def write_embeddings(model, kind: str, items: Sequence[Any], out: str, *, labels: Sequence[str] | None = None,
-                     batch_size: int = 64, index: str | None = None, overwrite: bool = False, device=None,
-                     amp: bool = True, progress: bool | None = None, on_error: str = "skip",
-                     stop_after_batches: int | None = None,
-                     on_batch: Callable[[int, int], None] | None = None) -> dict:
-    """Embed `items` (kind "image" or "text") into the .npy file `out`, streaming, resumable.
-
-    Rows are written batch by batch into a memory-mapped (len(items), E) float32 array; after each
-    batch the data is flushed and `<out>.progress.json` records the inputs consumed, the rows written
-    and the skipped inputs. A rerun with the same inputs and model continues from there (batches are
-    deterministic, so the result equals one uninterrupted run). When every input is done, rows left
-    empty by skipped images are cut off the file, the index CSV (`row,source`, default
-    `<out stem>.index.csv`) is written, and the sidecar is removed. labels: the `source` of each item
-    in the index (default: str(item)). stop_after_batches: stop (resumably) after that many batches of
-    this call. on_batch(batch_number, rows_done) is called after each batch is recorded.
-    Returns {"rows", "skipped": [[input index, source, reason], ...], "complete", "out", "index"}.
-    """
-    if kind not in ("image", "text"):
-        raise ValueError(f"kind must be 'image' or 'text', got {kind!r}")
-    batch_size = _check_batch_size(batch_size)
-    items = list(items)
-    n = len(items)
-    if n == 0:
-        raise ValueError(f"nothing to embed into {out}: the list of {kind}s is empty")
-    if kind == "text":
-        _check_texts(items)
-    labels = [str(x) for x in (labels if labels is not None else items)]
-    if len(labels) != n:
-        raise ValueError(f"labels has {len(labels)} entries for {n} items")
-    out = os.fspath(out)
-    index = index or default_index_path(out)
-    side = progress_path(out)
-    dim = model.config.embed_dim
-    state = {"format": PROGRESS_FORMAT, "kind": kind, "count": n, "dim": dim, "batch_size": batch_size,
-             "inputs": _labels_digest(labels), "model": model_fingerprint(model), "items_done": 0, "rows_done": 0,
-             "skipped": []}
-    if overwrite:
-        for p in (side, out):
-            if os.path.exists(p):
-                os.remove(p)
-    if os.path.exists(side):
-        with open(side) as f:
-            try:
-                saved = json.load(f)
-            except json.JSONDecodeError:
-                raise ValueError(f"{side} is not a valid progress file; delete it (and {out}) or pass overwrite") from None
-        for key in ("format", "kind", "count", "dim", "batch_size", "inputs", "model"):
-            if saved.get(key) != state[key]:
-                raise ValueError(f"{out} was started with a different {key} ({saved.get(key)!r}, now {state[key]!r}); "
-                                 f"rerun with the same inputs, model and batch size, or pass overwrite to start again")
-        if not os.path.exists(out):
-            raise ValueError(f"{side} exists but {out} does not; delete the progress file or pass overwrite")
-        state = saved
-        mode = "r+"
-    elif os.path.exists(out):
-        raise FileExistsError(f"{out} already exists and holds no unfinished run; pass overwrite to replace it")
-    else:
-        mode = "w+"
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    if state["items_done"] < n:
-        arr = np.lib.format.open_memmap(out, mode=mode, dtype=np.float32, shape=(n, dim) if mode == "w+" else None)
-        if arr.shape != (n, dim):
-            raise ValueError(f"{out} has shape {arr.shape}, its progress file expects ({n}, {dim}); pass overwrite")
-        if mode == "w+":
-            arr.flush()
-            _write_json_atomic(side, state)
-        dev = _resolve_device(model, device)
-        start = state["items_done"]
-        remaining = -(-(n - start) // batch_size)
-        try:
-            with _inference(model, remaining, progress, f"embed {kind}s") as tick:
-                todo = items[start:]
-                if kind == "image":
-                    batches = iter_image_batches(model, todo, batch_size, on_error=on_error, start=start)
-                else:
-                    batches = ((list(range(start + b * batch_size, start + b * batch_size + len(c))), c, [])
-                               for b, c in enumerate(_chunks(todo, batch_size)))
-                for b, (kept, batch, skipped) in enumerate(batches):
-                    if stop_after_batches is not None and b >= stop_after_batches:
-                        break
-                    r = state["rows_done"]
-                    if kept:
-                        encode = _encode_images if kind == "image" else _encode_texts
-                        emb = encode(model, batch, dev, amp)
-                        arr[r : r + len(kept)] = emb
-                        arr.flush()  # the rows reach the file before the sidecar says they exist
-                    state["rows_done"] = r + len(kept)
-                    state["items_done"] = min(n, start + (b + 1) * batch_size)  # each batch covers batch_size inputs
-                    state["skipped"].extend([i, labels[i], reason] for i, reason in skipped)
-                    _write_json_atomic(side, state)
-                    tick()
-                    if on_batch is not None:
-                        on_batch(b, state["rows_done"])
-        finally:
-            del arr
-    complete = state["items_done"] == n
-    if complete:
-        _shrink_npy(out, state["rows_done"])
-        skipped_idx = {s[0] for s in state["skipped"]}
-        tmp = f"{index}.tmp"
-        with open(tmp, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["row", "source"])
-            row = 0
-            for i, lab in enumerate(labels):
-                if i not in skipped_idx:
-                    w.writerow([row, lab])
-                    row += 1
-        os.replace(tmp, index)
-        os.remove(side)
-    return {"rows": state["rows_done"], "items_done": state["items_done"], "count": n,
-            "skipped": state["skipped"], "complete": complete, "out": out, "index": index if complete else None}

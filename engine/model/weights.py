@@ -19,11 +19,10 @@ import pickle
 import re
 import zipfile
 from typing import Any, Mapping
-
 import torch
 
 from .config import CLIPConfig, TextConfig, VisionConfig, get_preset
-from .model import CLIP
+from .clip import CLIP
 
 
 class CheckpointError(ValueError):

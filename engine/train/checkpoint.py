@@ -19,8 +19,9 @@ from __future__ import annotations
 import os
 import re
 import shutil
-
 import torch
+
+
 
 COMPLETE = "COMPLETE"
 DS_TAG = "ds"

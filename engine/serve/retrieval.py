@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import warnings
 from typing import Sequence
-
 import torch
 
-from . import ops
+from .. import ops
+
 
 RETRIEVAL_BACKENDS = ("auto", "cpp", "torch")
 # Automatic blocks: up to 16,384 candidate columns, and as many query rows as keep one block of scores

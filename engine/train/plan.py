@@ -40,11 +40,11 @@ import json
 import os
 import sys
 from dataclasses import dataclass
-
 import torch
 
-from .config import get_preset
-from .train_config import DeepSpeedSection
+from ..model.config import get_preset
+from .config import DeepSpeedSection
+
 
 GiB = 1024**3
 RESERVE_BYTES = 1 * GiB
@@ -150,8 +150,8 @@ def _trace_once(name: str, dtype: torch.dtype, batch: int, ckpt: bool, overrides
 
     from torch.utils.flop_counter import FlopCounterMode
 
-    from . import ops
-    from .model import create_model
+    from .. import ops
+    from ..model.clip import create_model
 
     with torch.device("meta"):
         model = create_model(name, **overrides, grad_checkpointing=ckpt)
@@ -465,7 +465,7 @@ def format_plan(plan: Plan) -> str:
 
 def run_config(plan: Plan, data_path: str, output_dir: str | None = None) -> dict:
     """The recommended configuration as a run config of engine/train_config.py (validated)."""
-    from .train_config import TrainConfig
+    from .config import TrainConfig
 
     b = plan.best
     if b is None:

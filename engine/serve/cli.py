@@ -6,7 +6,7 @@
     clipforge eval --model CKPT --task retrieval --data captions.csv --out report.json
     clipforge eval --model CKPT --task linear-probe --train DIR --test DIR --out report.json
 
-Each command builds its configuration from the options and calls `clipforge.api` / `clipforge.eval`.
+Each command builds its configuration from the options and calls `clipforge.serve.embed` / `clipforge.serve.evaluate`.
 User errors (bad checkpoint, missing folder, bad class list) print one line and exit with status 2.
 """
 from __future__ import annotations
@@ -16,6 +16,8 @@ import csv
 import json
 import os
 import sys
+
+
 
 DESCRIPTIONS = {
     "embed": "Embed a folder of images or a file of texts (one per line) into an .npy array of L2-normalised "
@@ -43,7 +45,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _templates(p: argparse.ArgumentParser) -> None:
-    from .zeroshot import template_sets
+    from .prompts import template_sets
 
     p.add_argument("--templates", default="imagenet", metavar="SET|FILE|TEMPLATE",
                    help=f"prompt templates: a shipped set ({', '.join(template_sets())}; default imagenet, the "
@@ -98,11 +100,11 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
         parser.add_argument("--confusion", default=None, metavar="FILE.png",
                             help="zeroshot: write the confusion matrix as a PNG (default <out stem>.confusion.png)")
     else:
-        raise ValueError(f"clipforge.cli_serve has no sub-command {name!r}")
+        raise ValueError(f"clipforge.serve.cli has no sub-command {name!r}")
 
 
 def _load_model(args):
-    from .loading import load
+    from ..model.weights import load
 
     if not os.path.isfile(args.model):
         raise FileNotFoundError(f"checkpoint not found: {args.model}")
@@ -125,8 +127,8 @@ def _read_texts(path: str) -> list[str]:
 
 
 def run_embed(args) -> int:
-    from .api import write_embeddings
-    from .eval import list_images
+    from .embed_file import write_embeddings
+    from .datasets import list_images
 
     model = _load_model(args)
     if args.images:
@@ -151,8 +153,8 @@ def run_embed(args) -> int:
 
 
 def run_zeroshot(args) -> int:
-    from .eval import list_images
-    from .zeroshot import get_templates, read_classnames
+    from .datasets import list_images
+    from .prompts import get_templates, read_classnames
 
     if args.topk < 1:
         raise ValueError(f"--topk must be at least 1, got {args.topk}")
@@ -184,7 +186,7 @@ def run_zeroshot(args) -> int:
 
 
 def run_eval(args) -> int:
-    from .eval import EvalConfig, evaluate
+    from .evaluate import EvalConfig, evaluate
 
     try:
         ks = tuple(int(k) for k in args.ks.split(","))
@@ -216,8 +218,8 @@ _RUNNERS = {"embed": run_embed, "zeroshot": run_zeroshot, "eval": run_eval}
 
 
 def run(args) -> int:
-    from .api import ImageReadError
-    from .loading import CheckpointError
+    from ..data.images import ImageReadError
+    from ..model.weights import CheckpointError
 
     try:
         return _RUNNERS[args.command](args)
@@ -228,7 +230,7 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     """`clipforge embed|zeroshot|eval ...` callable from tests: main(["embed", "--model", ...])."""
-    from .cli import main as cli_main
+    from ..cli import main as cli_main
 
     return cli_main(argv)
 

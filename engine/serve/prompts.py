@@ -1,6 +1,6 @@
 """Zero-shot classification: prompt templates and class-name handling.
 
-The classifier itself is `clipforge.api.zero_shot_classifier` (also `model.zero_shot_classifier`): every
+The classifier itself is `clipforge.serve.embed.zero_shot_classifier` (also `model.zero_shot_classifier`): every
 class name is written into every template, the normalised text embeddings are averaged per class and
 normalised again (prompt ensembling, CLIP paper section 3.1.4). Template sets ship as JSON in
 `clipforge/assets/templates/` (each `{"name", "description", "templates": [...]}`):
@@ -19,7 +19,9 @@ import json
 import os
 from typing import Sequence
 
-_TEMPLATE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "templates")
+
+
+_TEMPLATE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "templates")
 
 
 @functools.lru_cache(maxsize=None)

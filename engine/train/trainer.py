@@ -33,14 +33,13 @@ import math
 import random
 import time
 import warnings
-
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from .checkpoint import DS_TAG, load_trainer_state, save_trainer_state
-from .loss import _all_gather_rows
-from .train_config import MAX_LOGIT_SCALE, ConfigError, TrainConfig
+from ..loss import _all_gather_rows
+from .config import MAX_LOGIT_SCALE, ConfigError, TrainConfig
 
 
 class NonFiniteLossError(RuntimeError):
@@ -117,7 +116,7 @@ class ShardBatches:
     """
 
     def __init__(self, cfg: TrainConfig, *, image_size: int, rank: int, world_size: int):
-        from . import data
+        from ..data import loaders as data
 
         self._data = data
         self.local_batch = cfg.batch.global_size // world_size
@@ -273,7 +272,7 @@ class Trainer:
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 
-        from .model import create_model
+        from ..model.clip import create_model
 
         if not dist.is_initialized():
             raise RuntimeError("Trainer needs torch.distributed initialised (clipforge.train.init_distributed)")
@@ -353,7 +352,7 @@ class Trainer:
     # ------------------------------------------------------------------------------- the loss
     def contrastive_loss(self, image_features, text_features, logit_scale):
         """The loss over the global batch (`clipforge.contrastive_loss` with the data-parallel group)."""
-        from .loss import contrastive_loss
+        from ..loss import contrastive_loss
 
         group = self.group if self.world_size > 1 else None
         return contrastive_loss(image_features, text_features, logit_scale, group=group,
@@ -362,7 +361,7 @@ class Trainer:
     def contrastive_loss_and_grads(self, image_features, text_features, logit_scale):
         """The same loss with its gradients (`clipforge.loss.contrastive_loss_and_grads`): the feature
         gradients in fp32 whatever the features' precision, what gradient caching stores."""
-        from .loss import contrastive_loss_and_grads
+        from ..loss import contrastive_loss_and_grads
 
         group = self.group if self.world_size > 1 else None
         return contrastive_loss_and_grads(image_features, text_features, logit_scale, group=group,
@@ -515,7 +514,7 @@ class Trainer:
         stats = getattr(self.data, "stats", None)
         if stats is None:
             return None
-        from .data import RUNTIME_COUNTERS
+        from ..data.loaders import RUNTIME_COUNTERS
 
         counters = [k for k in RUNTIME_COUNTERS if k != "vanished_shards"]
         runtime = torch.tensor([float(stats["runtime"].get(k, 0)) for k in counters], device=self.device)

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import socket
 import sys
-
 import torch
 import torch.distributed as dist
 
-from .train_config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig
+from .metrics import RunLog, plot_loss_curve
+from .distributed import init_distributed
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,7 +56,7 @@ def run(args) -> int:
         return 2
     init_distributed()  # registers the group's teardown at exit
     from .checkpoint import CheckpointError
-    from .data import DataError
+    from ..data.config import DataError
 
     try:
         cfg.validate(dist.get_world_size())
@@ -68,158 +67,6 @@ def run(args) -> int:
     except DataError as exc:  # e.g. an epoch with no usable sample left: one sentence, no traceback
         print(f"clipforge train: {exc}", file=sys.stderr)
         return 1
-
-
-# ------------------------------------------------------------------------------ distributed
-def shutdown_distributed() -> None:
-    """Destroy the process group and unlink this rank's DeepSpeed shared-memory buffers. Idempotent;
-    `init_distributed` also registers it to run at exit, before the interpreter's own teardown, where
-    gloo's threads were seen to abort a rank that had finished ("terminate called without an active
-    exception")."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-    _remove_own_shm_buffers()
-
-
-def _remove_own_shm_buffers() -> None:
-    """Unlink the shared-memory all-reduce buffers DeepSpeed's CPU comm op made for this rank.
-
-    DeepSpeed 0.19 creates /dev/shm/deepspeed_allreduce_buffer_<i>_<master addr>_<port>_<rank> (69 MB each,
-    RAM-backed) when a CPU rank joins and never unlinks them, so every multi-rank CPU run leaked them (5 GB
-    after one test session). Each rank removes its own once its group is gone; a peer still mapping one
-    keeps its mapping until it exits.
-    """
-    addr, port, rank = (os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "RANK"))
-    if addr and port and rank:
-        remove_shm_buffers(addr, port, rank)
-
-
-def remove_shm_buffers(addr: str, port, rank="*") -> None:
-    """Unlink DeepSpeed's /dev/shm all-reduce buffers of the group at addr:port: one rank's, or ("*") all."""
-    import glob
-
-    rank = rank if rank == "*" else glob.escape(str(rank))
-    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{glob.escape(addr)}_{port}_{rank}"):
-        try:
-            os.remove(path)
-        except OSError:
-            pass  # already gone (removed by its rank, or another clean-up)
-
-
-def free_port() -> int:
-    """A TCP port free on this host now (for a process group's rendezvous)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_distributed() -> None:
-    """Join the launcher's process group (RANK/WORLD_SIZE/MASTER_* in the environment), or make a
-    one-process group; gloo on CPU, the accelerator's backend (NCCL) on GPUs. Idempotent."""
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
-    if dist.is_initialized():
-        return
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-    accel = get_accelerator()
-    if accel.device_name() == "cpu":
-        backend = "gloo"
-    else:
-        accel.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        backend = accel.communication_backend_name()
-    deepspeed.init_distributed(dist_backend=backend, verbose=False)
-    import atexit
-
-    atexit.register(shutdown_distributed)
-
-
-# --------------------------------------------------------------------------------- logging
-class RunLog:
-    """metrics.jsonl, TensorBoard and the progress bar; only rank 0 writes."""
-
-    def __init__(self, cfg: TrainConfig, start_step: int, enabled: bool):
-        self.enabled = enabled
-        self.path = os.path.join(cfg.output_dir, "metrics.jsonl")
-        self.writer = self.bar = self.file = None
-        if not enabled:
-            return
-        # a resumed run replays the steps after its checkpoint: drop their old lines
-        kept = []
-        if start_step > 0 and os.path.exists(self.path):
-            with open(self.path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
-        self.file = open(self.path, "w")
-        self.file.writelines(kept)
-        self.file.flush()
-        if cfg.logging.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(os.path.join(cfg.output_dir, "tensorboard"), purge_step=start_step + 1)
-        if cfg.logging.progress_bar:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=cfg.max_steps, initial=start_step, unit="step", dynamic_ncols=True)
-
-    def write(self, metrics: dict) -> None:
-        if not self.enabled:
-            return
-        self.file.write(json.dumps(metrics) + "\n")
-        self.file.flush()
-        step = metrics["step"]
-        if self.writer is not None:
-            for key, value in metrics.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    if math.isfinite(value):
-                        self.writer.add_scalar(f"train/{key}" if not key.startswith("eval") else key, value, step)
-        if self.bar is not None:
-            loss = metrics["loss"]
-            post = {
-                "samples/s": f"{metrics['samples_per_s']:.0f}",
-                "loss": "skipped" if loss is None else f"{loss:.4f}",
-                "lr": f"{metrics['lr']:.2e}",
-                "scale": f"{metrics['logit_scale']:.2f}",
-            }
-            if metrics.get("loss_scale") is not None:
-                post["loss_scale"] = f"{metrics['loss_scale']:.0f}"
-            self.bar.set_postfix(post, refresh=False)
-            self.bar.update(1)
-
-    def message(self, text: str) -> None:
-        if self.enabled:
-            (self.bar.write if self.bar is not None else print)(text)
-
-    def close(self) -> None:
-        for item in (self.bar, self.writer, self.file):
-            if item is not None:
-                item.close()
-
-
-def plot_loss_curve(metrics_path: str, png_path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps, losses = [], []
-    with open(metrics_path) as f:
-        for line in f:
-            row = json.loads(line)
-            if row.get("loss") is not None:
-                steps.append(row["step"])
-                losses.append(row["loss"])
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(steps, losses)
-    ax.set_xlabel("step")
-    ax.set_ylabel("contrastive loss")
-    ax.set_title("training loss")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------- the run
@@ -245,7 +92,7 @@ def train(cfg: TrainConfig, resume: str | None = None, grad_hook=None) -> int:
     `grad_hook(trainer)`, if given, runs every step between the last backward and the optimizer step
     (see `Trainer.grad_hook`)."""
     from . import checkpoint
-    from .loading import save_state_dict
+    from ..model.weights import save_state_dict
     from .trainer import NonFiniteLossError, Trainer
 
     rank = dist.get_rank()

@@ -1,4 +1,4 @@
-"""Evaluation (`clipforge.eval`): zero-shot classification, image-text retrieval, linear probe.
+"""Evaluation (`clipforge.serve.evaluate`): zero-shot classification, image-text retrieval, linear probe.
 
     report = zeroshot_eval(model, "val/", templates="imagenet")              # top1, top5, per class, confusion
     report = retrieval_eval(model, "captions.csv")                            # image->text, text->image R@1/5/10
@@ -17,7 +17,7 @@ Datasets
   whose `key.txt` holds one caption per line.
 Unreadable images are skipped and reported (`skipped` in each report), never silently dropped.
 
-Retrieval uses `clipforge.retrieval.recall_at_k` (chunked top-k, never the images x captions matrix).
+Retrieval uses `clipforge.serve.retrieval.recall_at_k` (chunked top-k, never the images x captions matrix).
 The linear probe follows the CLIP paper (appendix A.3): scikit-learn's L-BFGS logistic regression on
 frozen, normalised image embeddings, with the inverse regularisation strength C chosen on a
 validation split held out of the training set (a coarse log-grid over [1e-6, 1e6] refined around the
@@ -25,24 +25,17 @@ best value), then refitted on train + validation with that C and scored once on 
 """
 from __future__ import annotations
 
-import csv
-import json
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
-
+from typing import Sequence
 import numpy as np
 import torch
 
-from .shards import CAPTION_COLUMNS, IMAGE_COLUMNS, IMAGE_EXTS, screen, split_name
+from .datasets import EvalDataError, _classnames_for, captioned_images, embed_labelled
+
 
 TASKS = ("zeroshot", "retrieval", "linear-probe")
-_CAPTION_COLUMNS = CAPTION_COLUMNS + ("captions",)  # here a cell may also hold a list of captions (JSON)
-
-
-class EvalDataError(ValueError):
-    """An evaluation dataset cannot be used; the message names the file and what to fix."""
 
 
 @dataclass
@@ -67,150 +60,6 @@ class EvalConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# Datasets
-# --------------------------------------------------------------------------------------------
-
-def _is_image_name(name: str) -> bool:
-    return split_name(name)[1].lower() in IMAGE_EXTS and not os.path.basename(name).startswith(".")
-
-
-def _is_webdataset(spec: str) -> bool:
-    if any(c in spec for c in "*?[{") or spec.endswith(".tar"):
-        return True
-    return os.path.isdir(spec) and any(n.endswith(".tar") for n in os.listdir(spec))
-
-
-def image_folder(root: str) -> tuple[list[str], np.ndarray, list[str]]:
-    """An ImageFolder directory -> (image paths, int labels, class folder names), classes in sorted order."""
-    if not os.path.isdir(root):
-        raise EvalDataError(f"{root} is not a directory; give an ImageFolder-style folder with one sub-folder per class")
-    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
-    if not classes:
-        raise EvalDataError(f"{root} has no class sub-folders; put each class's images in a folder named after it")
-    paths, labels = [], []
-    for c, name in enumerate(classes):
-        for dirpath, dirnames, files in os.walk(os.path.join(root, name)):
-            dirnames.sort()
-            for fname in sorted(files):
-                if _is_image_name(fname):
-                    # a link leading out of `root` stays listed but is refused when read (reported as skipped)
-                    paths.append(screen(os.path.join(dirpath, fname), root))
-                    labels.append(c)
-    if not paths:
-        raise EvalDataError(f"{root} holds no image files ({', '.join(IMAGE_EXTS)}) in its class folders")
-    return paths, np.asarray(labels, dtype=np.int64), classes
-
-
-def list_images(root: str) -> list[str]:
-    """Every image file below `root`, sorted (for unlabelled folders: `clipforge embed`, `clipforge zeroshot`)."""
-    if not os.path.isdir(root):
-        raise EvalDataError(f"{root} is not a directory of images")
-    out = []
-    for dirpath, dirnames, files in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        out.extend(screen(os.path.join(dirpath, f), root) for f in sorted(files) if _is_image_name(f))
-    if not out:
-        raise EvalDataError(f"{root} holds no image files ({', '.join(IMAGE_EXTS)})")
-    return out
-
-
-def _webdataset_samples(spec: str) -> Iterator[tuple[str, dict[str, bytes] | None]]:
-    """(tar:key, {ext: bytes}) for every sample of the shards, in order, one sample in memory at a time;
-    (tar:key, None) for a key that repeats in its tar (the first sample of a key is the one kept, as in
-    clipforge.data), and (tar:<tail after byte N>, None) for a tar cut short."""
-    from .data import expand_shards
-    from .shards import scan_tar
-
-    for path in expand_shards(spec):
-        fd = os.open(path, os.O_RDONLY)
-        seen, report = set(), {}
-        try:
-            for key, comps in scan_tar(path, report):
-                name = f"{os.path.basename(path)}:{key}"
-                if key in seen:
-                    yield name, None
-                    continue
-                seen.add(key)
-                yield name, {ext.lower(): os.pread(fd, size, off) for ext, (off, size, _) in comps.items()}
-            if "truncated_at" in report:  # reported as a skipped entry: the lost samples cannot be listed
-                yield f"{os.path.basename(path)}:<tail after byte {report['truncated_at']}>", None
-        finally:
-            os.close(fd)
-
-
-def _image_of(comps: dict[str, bytes]) -> bytes | None:
-    return next((comps[e] for e in IMAGE_EXTS if e in comps), None)
-
-
-class _LabelledShards:
-    """A labelled webdataset as a lazy image sequence: iterating yields image bytes; labels and sample
-    keys are collected as it goes, samples without an image or a valid label are recorded as skipped."""
-
-    def __init__(self, spec: str):
-        self.spec = spec
-        self.keys: list[str] = []
-        self.labels: list[int] = []
-        self.skipped: list[list[str]] = []
-
-    def __iter__(self):
-        for key, comps in _webdataset_samples(self.spec):
-            if comps is None:
-                self.skipped.append([key, "the tar is cut short here: its remaining samples are lost" if "<tail" in key
-                                     else "repeated key (the first sample of that key is kept)"])
-                continue
-            img = _image_of(comps)
-            raw = comps.get("cls")
-            if img is None:
-                self.skipped.append([key, "no image in the sample"])
-                continue
-            try:
-                label = int(raw.decode("utf-8").strip()) if raw is not None else None
-            except (UnicodeDecodeError, ValueError):
-                label = None
-            if label is None or label < 0:
-                self.skipped.append([key, "missing or non-integer .cls label"])
-                continue
-            self.keys.append(key)
-            self.labels.append(label)
-            yield img
-
-
-def _classnames_for(found: list[str] | None, classes, n_labels: int | None, where: str) -> list[str]:
-    from .zeroshot import check_classnames, read_classnames
-
-    if classes is not None:
-        names = read_classnames(classes)
-        if found is not None and len(names) != len(found):
-            raise EvalDataError(f"{where} has {len(found)} class folders but {len(names)} class names were given; "
-                                "give one name per folder, in sorted folder order")
-        if n_labels is not None and n_labels > len(names):
-            raise EvalDataError(f"{where} holds label {n_labels - 1} but only {len(names)} class names were given")
-        return names
-    if found is None:
-        raise EvalDataError(f"{where} is a webdataset with integer labels: give the class names (classes=FILE)")
-    return check_classnames([f.replace("_", " ") for f in found])
-
-
-def embed_labelled(model, spec: str, *, batch_size: int = 64, device=None, amp: bool = True, progress=None):
-    """Embeddings of a labelled dataset -> (emb (N, E), labels (N,), class folder names or None, sources, skipped)."""
-    if _is_webdataset(spec):
-        shards = _LabelledShards(spec)
-        emb, bad = model.embed_images(shards, batch_size, device=device, amp=amp, progress=progress, on_error="skip",
-                                      return_skipped=True)
-        bad_idx = {i for i, _ in bad}
-        keep = [i for i in range(len(shards.keys)) if i not in bad_idx]
-        skipped = shards.skipped + [[shards.keys[i], r] for i, r in bad]
-        labels = np.asarray(shards.labels, dtype=np.int64)[keep]
-        return emb, labels, None, [shards.keys[i] for i in keep], skipped
-    paths, labels, folders = image_folder(spec)
-    emb, bad = model.embed_images(paths, batch_size, device=device, amp=amp, progress=progress, on_error="skip",
-                                  return_skipped=True)
-    bad_idx = {i for i, _ in bad}
-    keep = [i for i in range(len(paths)) if i not in bad_idx]
-    return emb, labels[keep], folders, [paths[i] for i in keep], [[paths[i], r] for i, r in bad]
-
-
-# --------------------------------------------------------------------------------------------
 # Zero-shot
 # --------------------------------------------------------------------------------------------
 
@@ -229,8 +78,8 @@ def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) ->
 def zeroshot_eval(model, data: str, classes=None, templates="imagenet", *, batch_size: int = 64, device=None,
                   amp: bool = True, progress=None, confusion_png: str | None = None) -> dict:
     """Zero-shot top-1 / top-5 accuracy on a labelled dataset (see the module doc); optional confusion PNG."""
-    from .api import logit_scale, probabilities
-    from .zeroshot import get_templates
+    from .embed import logit_scale, probabilities
+    from .prompts import get_templates
 
     templates = get_templates(templates)
     emb, labels, folders, _, skipped = embed_labelled(model, data, batch_size=batch_size, device=device,
@@ -293,80 +142,6 @@ def save_confusion_png(cm: np.ndarray, names: Sequence[str], path: str, title: s
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100)
-
-
-# --------------------------------------------------------------------------------------------
-# Retrieval
-# --------------------------------------------------------------------------------------------
-
-def _read_table(path: str) -> list[dict[str, Any]]:
-    if path.endswith((".jsonl", ".json")):
-        rows = []
-        with open(path, encoding="utf-8") as f:
-            if path.endswith(".json"):
-                data = json.load(f)
-                if not isinstance(data, list):
-                    raise EvalDataError(f"{path} must hold a JSON list of {{\"image\": ..., \"caption\": ...}} rows")
-                return data
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as exc:
-                        raise EvalDataError(f"{path} line {n} is not JSON: {exc}") from None
-        return rows
-    with open(path, encoding="utf-8", newline="") as f:
-        return list(csv.DictReader(f, delimiter="\t" if path.endswith(".tsv") else ","))
-
-
-def _column(row_keys, wanted: tuple[str, ...], what: str, path: str) -> str:
-    lower = {k.lower(): k for k in row_keys if isinstance(k, str)}
-    for w in wanted:
-        if w in lower:
-            return lower[w]
-    raise EvalDataError(f"{path} has no {what} column (looked for {', '.join(wanted)}; found {', '.join(map(str, row_keys))})")
-
-
-def captioned_images(spec: str) -> tuple[list[Any], list[str], list[str], list[int]]:
-    """A captioned dataset -> (images (paths or bytes), image sources, captions, caption -> image index)."""
-    images, sources, captions, owner = [], [], [], []
-    if os.path.isfile(spec) and spec.endswith((".csv", ".tsv", ".jsonl", ".json")):
-        rows = _read_table(spec)
-        if not rows:
-            raise EvalDataError(f"{spec} holds no rows")
-        icol = _column(rows[0].keys(), IMAGE_COLUMNS, "image-path", spec)
-        ccol = _column(rows[0].keys(), _CAPTION_COLUMNS, "caption", spec)
-        base = os.path.dirname(os.path.abspath(spec))
-        where: dict[str, int] = {}
-        for r in rows:
-            img, cap = r.get(icol), r.get(ccol)
-            caps = cap if isinstance(cap, list) else [cap]
-            caps = [c.strip() for c in caps if isinstance(c, str) and c.strip()]
-            if not img or not caps:
-                continue
-            if img not in where:
-                where[img] = len(images)
-                images.append(screen(os.path.join(base, img), base, "path_outside_source"))
-                sources.append(img)
-            captions.extend(caps)
-            owner.extend([where[img]] * len(caps))
-    elif _is_webdataset(spec):
-        for key, comps in _webdataset_samples(spec):
-            if comps is None:
-                continue  # a repeated key: its first sample is the one evaluated
-            img, txt = _image_of(comps), comps.get("txt")
-            caps = [c.strip() for c in txt.decode("utf-8", "replace").splitlines() if c.strip()] if txt else []
-            if img is None or not caps:
-                continue
-            captions.extend(caps)
-            owner.extend([len(images)] * len(caps))
-            images.append(img)
-            sources.append(key)
-    else:
-        raise EvalDataError(f"{spec}: give a CSV/TSV/JSON-lines caption table or webdataset shards for retrieval")
-    if not images:
-        raise EvalDataError(f"{spec} holds no image with a caption")
-    return images, sources, captions, owner
 
 
 def retrieval_eval(model, data: str, *, ks: Sequence[int] = (1, 5, 10), batch_size: int = 64, device=None,

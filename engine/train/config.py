@@ -17,9 +17,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import ConfigError, dataclass_from_dict, yaml_loader as _yaml_loader
-from .config import load_yaml as _load_yaml
-from .ops import CONTRASTIVE_BACKENDS
+from ..config import ConfigError, dataclass_from_dict
+from ..config import load_yaml as _load_yaml
+from ..ops import CONTRASTIVE_BACKENDS
+from ..config import apply_override
+
 
 # betas / eps of the paper per model family (CLIP.md): ViTs use a lower beta2 and a larger eps.
 ADAM_DEFAULTS = {"vit": ((0.9, 0.98), 1e-6), "resnet": ((0.9, 0.999), 1e-8)}
@@ -361,30 +363,5 @@ def _positive(key: str, value: int) -> None:
         raise ConfigError(f"config key '{key}' must be positive, got {value}")
 
 
-# ---------------------------------------------------------------------------- YAML and overrides
-def parse_value(text: str):
-    """A `--set` value, read as YAML (numbers, true/false, null, [lists], {maps}, or a string)."""
-    import yaml
-
-    return yaml.load(text, Loader=_yaml_loader())
-
-
 def load_yaml(path: str) -> dict:
     return _load_yaml(path, what="run config")
-
-
-def apply_override(data: dict, item: str) -> None:
-    """Apply one `key.sub=value` override to the raw config dict (validated later with the rest)."""
-    if "=" not in item:
-        raise ConfigError(f"--set expects key.sub=value, got {item!r}")
-    key, text = item.split("=", 1)
-    parts = key.strip().split(".")
-    if not all(parts):
-        raise ConfigError(f"--set has an empty key segment in {key!r}")
-    node = data
-    for i, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"config key '{'.'.join(parts[: i + 1])}' is not a section, cannot set {key}")
-        node = child
-    node[parts[-1]] = parse_value(text)

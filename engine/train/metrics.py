@@ -1,0 +1,93 @@
+"""What a run writes as it goes: metrics.jsonl, TensorBoard, the progress bar, the loss plot."""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+from .config import TrainConfig
+
+
+# --------------------------------------------------------------------------------- logging
+class RunLog:
+    """metrics.jsonl, TensorBoard and the progress bar; only rank 0 writes."""
+
+    def __init__(self, cfg: TrainConfig, start_step: int, enabled: bool):
+        self.enabled = enabled
+        self.path = os.path.join(cfg.output_dir, "metrics.jsonl")
+        self.writer = self.bar = self.file = None
+        if not enabled:
+            return
+        # a resumed run replays the steps after its checkpoint: drop their old lines
+        kept = []
+        if start_step > 0 and os.path.exists(self.path):
+            with open(self.path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
+        self.file = open(self.path, "w")
+        self.file.writelines(kept)
+        self.file.flush()
+        if cfg.logging.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(cfg.output_dir, "tensorboard"), purge_step=start_step + 1)
+        if cfg.logging.progress_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=cfg.max_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def write(self, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(metrics) + "\n")
+        self.file.flush()
+        step = metrics["step"]
+        if self.writer is not None:
+            for key, value in metrics.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    if math.isfinite(value):
+                        self.writer.add_scalar(f"train/{key}" if not key.startswith("eval") else key, value, step)
+        if self.bar is not None:
+            loss = metrics["loss"]
+            post = {
+                "samples/s": f"{metrics['samples_per_s']:.0f}",
+                "loss": "skipped" if loss is None else f"{loss:.4f}",
+                "lr": f"{metrics['lr']:.2e}",
+                "scale": f"{metrics['logit_scale']:.2f}",
+            }
+            if metrics.get("loss_scale") is not None:
+                post["loss_scale"] = f"{metrics['loss_scale']:.0f}"
+            self.bar.set_postfix(post, refresh=False)
+            self.bar.update(1)
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            (self.bar.write if self.bar is not None else print)(text)
+
+    def close(self) -> None:
+        for item in (self.bar, self.writer, self.file):
+            if item is not None:
+                item.close()
+
+
+def plot_loss_curve(metrics_path: str, png_path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, losses = [], []
+    with open(metrics_path) as f:
+        for line in f:
+            row = json.loads(line)
+            if row.get("loss") is not None:
+                steps.append(row["step"])
+                losses.append(row["loss"])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(steps, losses)
+    ax.set_xlabel("step")
+    ax.set_ylabel("contrastive loss")
+    ax.set_title("training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
