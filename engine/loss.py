@@ -206,17 +206,10 @@ class _Impl:
     (PyTorch GEMMs on any device) share the row-chunked backward above; cpp has its own in C++."""
 
     def __init__(self, backend: str, chunk_size: int | None):
+        """backend: as resolved by ops.select_contrastive_backend (which refuses what cannot run)."""
         self.backend = backend
         self.chunk = chunk_size
-        if backend == "cpp":
-            self.ext = ops.cpp_extension()
-            if self.ext is None:
-                raise RuntimeError("the 'cpp' contrastive backend needs clipforge._C; build it with "
-                                   "`pip install --no-build-isolation -e .` or use backend='chunked'")
-        elif backend == "triton":
-            from .kernels import contrastive as kernel
-
-            self.kernel = kernel
+        self.module = ops.contrastive_kernels(backend)  # clipforge._C, kernels.contrastive or None
 
     def compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
         if self.backend == "cpp":
@@ -237,16 +230,16 @@ class _Impl:
 
     def forward(self, image, text, scale: float):
         if self.backend == "cpp":
-            return self.ext.contrastive_forward(image, text, scale, int(self.chunk or 0))
+            return self.module.contrastive_forward(image, text, scale, int(self.chunk or 0))
         if self.backend == "triton":
-            return self.kernel.contrastive_forward_stats(image, text, scale)
+            return self.module.contrastive_forward_stats(image, text, scale)
         return _chunked_forward_stats(image, text, scale, self._rows(image, text))
 
     def backward(self, image, text, scale: float, row_lse, col_lse, row_offset: int, coef: float):
         if self.backend == "cpp":
-            return self.ext.contrastive_backward(image, text, scale, row_lse, col_lse, row_offset, coef,
+            return self.module.contrastive_backward(image, text, scale, row_lse, col_lse, row_offset, coef,
                                                  int(self.chunk or 0))
-        probabilities = self.kernel.contrastive_probabilities if self.backend == "triton" else _chunked_probabilities
+        probabilities = self.module.contrastive_probabilities if self.backend == "triton" else _chunked_probabilities
         return _chunked_backward(image, text, scale, row_lse, col_lse, row_offset, coef, self._rows(image, text),
                                  probabilities)
 

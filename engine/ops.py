@@ -6,6 +6,8 @@
 |                   | else sdpa                                 |                                   |                     |
 | contrastive_loss  | triton (fp16/bf16 features),              | chunked                           | cpp (clipforge._C), |
 |                   | else chunked (fp32, float64)              |                                   | else chunked        |
+| chunked_topk      | torch (blocked GEMM + top-k)              | torch                             | cpp (clipforge._C), |
+|                   |                                           |                                   | else torch          |
 
 - Triton on sm80+ only: current Triton's `tl.dot` has no tensor-core path on sm70 (and sm70 has no
   bf16), and nothing below sm80 is compile-gated (benchmarks/compile_gate.py), so there attention goes
@@ -38,6 +40,7 @@ from . import reference
 
 ATTENTION_BACKENDS = ("auto", "triton", "sdpa", "xformers", "torch")
 CONTRASTIVE_BACKENDS = ("auto", "triton", "chunked", "cpp", "torch")
+TOPK_BACKENDS = ("auto", "cpp", "torch")
 TRITON_MIN_CAPABILITY = (8, 0)  # tensor cores in current Triton; bf16
 
 
@@ -115,12 +118,47 @@ def select_contrastive_backend(device: torch.device, backend: str = "auto", *, d
         if dtype == torch.float64:
             raise ValueError("the Triton contrastive loss never takes float64 features; use backend='chunked' "
                              "(any device) or 'cpp' (CPU)")
+    if backend == "cpp" and cpp_extension() is None:
+        raise RuntimeError("the 'cpp' contrastive backend needs clipforge._C; build it with "
+                           "`pip install --no-build-isolation -e .` or use backend='chunked'")
     if backend != "auto":
         return backend
     if device.type == "cuda":
         half = dtype in (None, torch.float16, torch.bfloat16)
         return "triton" if cap >= TRITON_MIN_CAPABILITY and half else "chunked"
     return "cpp" if cpp_extension() is not None else "chunked"
+
+
+def contrastive_kernels(backend: str):
+    """The module that computes a resolved contrastive backend's forward statistics and backward:
+    clipforge._C for "cpp", kernels.contrastive for "triton", None for "chunked" / "torch" (loss.py's
+    own PyTorch code)."""
+    if backend == "cpp":
+        return cpp_extension()
+    if backend == "triton":
+        from .kernels import contrastive
+
+        return contrastive
+    return None
+
+
+def select_topk_backend(device: torch.device, backend: str = "auto") -> str:
+    """Resolve the chunked top-k backend: "cpp" (clipforge._C, CPU float32 / float64) or "torch" (the
+    same blocked loop in PyTorch, any device). "auto": cpp for CPU tensors when the extension has
+    chunked_topk, torch otherwise; a forced "cpp" is refused on other devices or without the extension."""
+    if backend not in TOPK_BACKENDS:
+        raise ValueError(f"unknown retrieval backend {backend!r}; choose one of {', '.join(TOPK_BACKENDS)}")
+    if backend == "torch":
+        return "torch"
+    if device.type != "cpu":
+        if backend == "cpp":
+            raise ValueError(f"backend='cpp' runs on CPU tensors only, got tensors on {device}")
+        return "torch"
+    if _cpp_topk() is not None:
+        return "cpp"
+    if backend == "cpp":
+        raise RuntimeError("backend='cpp' needs clipforge._C.chunked_topk; build the extension or use backend='torch'")
+    return "torch"
 
 
 @functools.lru_cache(maxsize=None)
@@ -164,3 +202,96 @@ def attention(q, k, v, *, causal: bool = False, softmax_scale: float | None = No
         )
         return out.transpose(1, 2)
     raise AssertionError(name)
+
+
+# ---------------------------------------------------------------------------------------- top-k
+# Automatic blocks: up to 16,384 candidate columns, and as many query rows as keep one block of scores
+# near 8 MB (the C++ side uses the same numbers).
+_AUTO_COLS = 16384
+_AUTO_BLOCK_BYTES = 8 << 20
+
+
+def _auto_rows(cols: int, elem_size: int) -> int:
+    rows = _AUTO_BLOCK_BYTES // max(1, cols * elem_size)
+    if rows > 64:
+        rows -= rows % 64  # GEMM-friendly multiple of 64
+    return max(1, rows)
+
+
+def _torch_chunked_topk(a: torch.Tensor, b: torch.Tensor, k: int, row_chunk: int, col_chunk: int):
+    n, m = a.shape[0], b.shape[0]
+    cols = min(m, col_chunk or _AUTO_COLS)
+    rows = min(n, row_chunk or _auto_rows(cols, a.element_size())) if n else 1
+    values = a.new_empty(n, k)
+    indices = torch.empty(n, k, dtype=torch.long, device=a.device)
+    for r0 in range(0, n, rows):
+        a_c = a[r0 : r0 + rows]
+        best_v = best_i = None
+        for c0 in range(0, m, cols):
+            block = a_c @ b[c0 : c0 + cols].t()  # (rows, cols): the only score storage
+            v, i = block.topk(min(k, block.shape[1]), dim=1)
+            i += c0
+            if best_v is None:
+                best_v, best_i = v, i
+            else:  # merge: top-k of the 2k candidates
+                cand_v, cand_i = torch.cat([best_v, v], 1), torch.cat([best_i, i], 1)
+                best_v, pos = cand_v.topk(min(k, cand_v.shape[1]), dim=1)
+                best_i = cand_i.gather(1, pos)
+        values[r0 : r0 + rows] = best_v
+        indices[r0 : r0 + rows] = best_i
+    return values, indices
+
+
+def _cpp_topk():
+    ext = cpp_extension()  # warns once when the extension is not built
+    if ext is None:
+        return None
+    fn = getattr(ext, "chunked_topk", None)
+    if fn is None:
+        _warn_stale_extension()
+    return fn
+
+
+_warned_stale = False
+
+
+def _warn_stale_extension():
+    global _warned_stale
+    if not _warned_stale:
+        _warned_stale = True
+        warnings.warn(
+            "clipforge._C has no chunked_topk (built from older sources); retrieval uses the PyTorch "
+            "chunked top-k. Rebuild with `pip install --no-build-isolation -e .`.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
+def chunked_topk(a: torch.Tensor, b: torch.Tensor, k: int, *, chunk_size: int | None = None,
+                 backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest scores of every row of a @ bᵀ, never holding more than one block of it.
+
+    a: (n, d) queries, b: (m, d) candidates, 1 <= k <= m. Returns (values (n, k), indices (n, k) int64),
+    best first. chunk_size: side of the (queries x candidates) block scored at once (None = automatic,
+    about 8 MB). backend: "cpp" (CPU float32/float64 through clipforge._C), "torch", or "auto" (cpp for
+    CPU tensors when the extension is built, torch otherwise).
+    """
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"chunked_topk needs a (n, d) and b (m, d) with the same d, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if not 1 <= k <= b.shape[0]:
+        raise ValueError(f"k must be in [1, {b.shape[0]}] (the number of candidates), got {k}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of rows/columns (or None), got {chunk_size}")
+    if a.device != b.device:
+        raise ValueError(f"a and b must be on the same device, got {a.device} and {b.device}")
+    name = select_topk_backend(a.device, backend)
+    if a.dtype != b.dtype:
+        dtype = torch.promote_types(a.dtype, b.dtype)
+        a, b = a.to(dtype), b.to(dtype)
+    side = chunk_size or 0
+    with torch.no_grad():
+        if name == "cpp":
+            if a.dtype not in (torch.float32, torch.float64):  # fp16/bf16 GEMMs on CPU are slow anyway
+                a, b = a.float(), b.float()
+            return _cpp_topk()(a.contiguous(), b.contiguous(), k, side, side)
+        return _torch_chunked_topk(a, b, k, side, side)

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from clipforge import ops, reference
-from clipforge.serve.retrieval import chunked_topk, recall_at_k
+from clipforge.ops import chunked_topk
+from clipforge.serve.retrieval import recall_at_k
 
 BACKENDS = [
     pytest.param("cpp", marks=pytest.mark.skipif(
