@@ -3,7 +3,7 @@
     clipforge make-shards SRC OUT_DIR [--shard-size N] [--max-side PX] [--workers W]
 
 SRC is a folder (every image beside a caption file of the same name, `cat.jpg` + `cat.txt`, searched
-recursively) or a CSV / Parquet table with an image-path column and a caption column (paths relative
+recursively) or a table (CSV, TSV, Parquet, JSON lines: data/tables.py) with an image-path column and a caption column (paths relative
 to the table's folder). OUT_DIR receives, like img2dataset:
 
     00000.tar   key.jpg + key.txt + key.json for up to N samples (key = shard id + index, "000000000")
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from .config import DEFAULT_MAX_PIXELS
 from .webdataset import CAPTION_EXT, IMAGE_EXTS, STATS_FORMAT, STATS_NAME, index_tar, sha256_file
 from .validate import JPEG_QUALITY, MAX_CAPTION_FILE_BYTES, RefusedPath, UnreadableFile, check_caption, check_image, read_file, screen
-from .tables import _table_items
+from .tables import _table_items, is_table
 
 
 
@@ -178,7 +178,7 @@ def make_shards(cfg: MakeShardsConfig) -> dict:
     from tqdm import tqdm
 
     if not os.path.exists(cfg.src):
-        raise FileNotFoundError(f"make-shards source {cfg.src} does not exist; give a folder or a .csv/.parquet file")
+        raise FileNotFoundError(f"make-shards source {cfg.src} does not exist; give a folder or a table (.csv, .tsv, .parquet, .jsonl, .json)")
     if cfg.max_side is not None and cfg.max_side < 1:
         raise ValueError(f"--max-side must be a positive number of pixels, got {cfg.max_side}")
     os.makedirs(cfg.out_dir, exist_ok=True)
@@ -186,10 +186,10 @@ def make_shards(cfg: MakeShardsConfig) -> dict:
         raise FileExistsError(f"{cfg.out_dir} already holds .tar shards; choose an empty output folder")
     if os.path.isdir(cfg.src):
         items = list(_folder_items(cfg.src))
-    elif cfg.src.lower().endswith((".csv", ".parquet")):
+    elif is_table(cfg.src):
         items = list(_table_items(cfg.src, cfg.image_col, cfg.caption_col))
     else:
-        raise ValueError(f"make-shards source {cfg.src} is neither a folder nor a .csv/.parquet table")
+        raise ValueError(f"make-shards source {cfg.src} is neither a folder nor a table (.csv, .tsv, .parquet, .jsonl, .json)")
 
     writer = ShardWriter(cfg.out_dir, cfg.shard_size)
     skipped, repaired, listed = Counter(), Counter(), []
@@ -259,7 +259,7 @@ class _Job:
 # --------------------------------------------------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", help="folder of images + same-name .txt captions, or a .csv/.parquet table")
+    parser.add_argument("src", help="folder of images + same-name .txt captions, or a table (.csv, .tsv, .parquet, .jsonl, .json)")
     parser.add_argument("out_dir", help="output folder for NNNNN.tar, NNNNN.idx and stats.json")
     parser.add_argument("--shard-size", type=int, default=10000, help="samples per shard (default 10000)")
     parser.add_argument("--max-side", type=int, default=None,

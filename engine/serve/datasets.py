@@ -2,13 +2,11 @@
 captioned image sets (tables or shards) for retrieval."""
 from __future__ import annotations
 
-import csv
-import json
 import os
 from typing import Any, Iterator
 import numpy as np
 
-from ..data.tables import CAPTION_COLUMNS, IMAGE_COLUMNS
+from ..data.tables import CAPTION_COLUMNS, IMAGE_COLUMNS, TableError, is_table, pick_column, read_table
 from ..data.webdataset import IMAGE_EXTS, split_name
 from ..data.validate import screen
 
@@ -168,43 +166,18 @@ def embed_labelled(model, spec: str, *, batch_size: int = 64, device=None, amp: 
 # Retrieval
 # --------------------------------------------------------------------------------------------
 
-def _read_table(path: str) -> list[dict[str, Any]]:
-    if path.endswith((".jsonl", ".json")):
-        rows = []
-        with open(path, encoding="utf-8") as f:
-            if path.endswith(".json"):
-                data = json.load(f)
-                if not isinstance(data, list):
-                    raise EvalDataError(f"{path} must hold a JSON list of {{\"image\": ..., \"caption\": ...}} rows")
-                return data
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as exc:
-                        raise EvalDataError(f"{path} line {n} is not JSON: {exc}") from None
-        return rows
-    with open(path, encoding="utf-8", newline="") as f:
-        return list(csv.DictReader(f, delimiter="\t" if path.endswith(".tsv") else ","))
-
-
-def _column(row_keys, wanted: tuple[str, ...], what: str, path: str) -> str:
-    lower = {k.lower(): k for k in row_keys if isinstance(k, str)}
-    for w in wanted:
-        if w in lower:
-            return lower[w]
-    raise EvalDataError(f"{path} has no {what} column (looked for {', '.join(wanted)}; found {', '.join(map(str, row_keys))})")
-
-
 def captioned_images(spec: str) -> tuple[list[Any], list[str], list[str], list[int]]:
     """A captioned dataset -> (images (paths or bytes), image sources, captions, caption -> image index)."""
     images, sources, captions, owner = [], [], [], []
-    if os.path.isfile(spec) and spec.endswith((".csv", ".tsv", ".jsonl", ".json")):
-        rows = _read_table(spec)
-        if not rows:
-            raise EvalDataError(f"{spec} holds no rows")
-        icol = _column(rows[0].keys(), IMAGE_COLUMNS, "image-path", spec)
-        ccol = _column(rows[0].keys(), _CAPTION_COLUMNS, "caption", spec)
+    if os.path.isfile(spec) and is_table(spec):
+        try:
+            columns, rows = read_table(spec)
+            if not rows:
+                raise EvalDataError(f"{spec} holds no rows")
+            icol = pick_column(columns, IMAGE_COLUMNS, None, spec, "image-path")
+            ccol = pick_column(columns, _CAPTION_COLUMNS, None, spec, "caption")
+        except TableError as exc:
+            raise EvalDataError(str(exc)) from None
         base = os.path.dirname(os.path.abspath(spec))
         where: dict[str, int] = {}
         for r in rows:
