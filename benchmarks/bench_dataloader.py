@@ -90,7 +90,7 @@ def _loader(shards: str, backend: str, threads: int):
     import clipforge
     from clipforge.data import DataConfig, build_train_loader
 
-    cfg = DataConfig(shards=shards, batch_size=BATCH, backend=backend, num_threads=threads, seed=0)
+    cfg = DataConfig(path=shards, batch_size=BATCH, loader=backend, num_workers=threads, seed=0)
     return build_train_loader(cfg, 0, 1, 0, 0, OUT_SIZE, clipforge.tokenize)
 
 

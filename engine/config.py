@@ -1,7 +1,8 @@
-"""Model configuration: dataclasses, the preset table, and strict loading from dicts / YAML.
+"""The one strict config loader: dataclasses from dicts and YAML files, and `--set key.sub=value` overrides.
 
-`dataclass_from_dict` is the one strict loader of the project: an unknown key is refused with its
-dotted name, so a typo in a YAML file never silently does nothing.
+`dataclass_from_dict` refuses an unknown key with its dotted name, so a typo in a YAML file never
+silently does nothing. The model's configs are in model/config.py, the run's in train/config.py, the
+data's in data/config.py; all load through here.
 """
 from __future__ import annotations
 

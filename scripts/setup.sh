@@ -30,7 +30,7 @@ echo "[setup] installing pinned packages (first run: a few minutes)"
 "$VPY" -m pip install -q torch==2.13.0
 "$VPY" -m pip install -q -r scripts/requirements.txt
 # Test-only oracles. PyPI's torchvision would drag in a different (CUDA) torch, so it goes in without
-# its dependencies; tests/conftest.py registers the one C++ op it needs at import (see DESIGN.md).
+# its dependencies; tests/conftest.py stubs out torchvision's CUDA-only meta registrations at import (see docs/DESIGN.md).
 "$VPY" -m pip install -q --no-deps torchvision==0.28.0 open-clip-torch==3.3.0
 
 echo "[setup] building clipforge and clipforge._C"

@@ -45,7 +45,7 @@ def raw(tmp_path_factory):
 
 
 def cfg_for(raw_folder, backend, tmp, **kw):
-    base = dict(shards=raw_folder, batch_size=5, backend=backend, num_threads=2, cache_dir=str(tmp / "cache"))
+    base = dict(path=raw_folder, batch_size=5, loader=backend, num_workers=2, cache_dir=str(tmp / "cache"))
     base.update(kw)
     return DataConfig(**base)
 
@@ -112,7 +112,7 @@ def test_dali_reads_exactly_the_planned_order(raw, tmp_path):
 @pytest.mark.parametrize("backend", BACKENDS + ["synthetic"])
 @pytest.mark.parametrize("stop_after", [1, 3])
 def test_resume_mid_epoch_delivers_exactly_the_rest(raw, backend, stop_after, tmp_path):
-    cfg = cfg_for(raw[0], backend, tmp_path, synthetic_samples=37, num_threads=1)
+    cfg = cfg_for(raw[0], backend, tmp_path, num_samples=37, num_workers=1)
     full = run_epoch(build_train_loader(cfg, 0, 2, 4, 0, SIZE, id_tokenizer, with_keys=True))[0]
     loader = build_train_loader(cfg, 0, 2, 4, 0, SIZE, id_tokenizer, with_keys=True)
     first = []
@@ -173,7 +173,7 @@ def test_epoch_plan_addresses_the_rank_slice(start):
 
 
 def test_drop_last_gives_every_rank_the_same_batch_count(raw, tmp_path):
-    cfg = cfg_for(raw[0], "pytorch", tmp_path, drop_last=True, batch_size=4, num_threads=0)
+    cfg = cfg_for(raw[0], "pytorch", tmp_path, drop_last=True, batch_size=4, num_workers=0)
     counts = []
     for r in range(3):
         loader = build_train_loader(cfg, r, 3, 0, 0, SIZE, id_tokenizer, with_keys=True)
@@ -203,7 +203,7 @@ def test_dali_failure_falls_back_to_pillow_for_that_batch(raw, tmp_path, monkeyp
             return out
 
     monkeypatch.setattr(data.DaliLoader, "_build", lambda self, plan, tmp: FailingSecondRun(real_build(self, plan, tmp)))
-    cfg = cfg_for(folder, "dali", tmp_path, num_threads=1)
+    cfg = cfg_for(folder, "dali", tmp_path, num_workers=1)
     seen = []
     for rank in range(2):
         loader = build_train_loader(cfg, rank, 2, 0, 0, SIZE, id_tokenizer, with_keys=True)
@@ -232,7 +232,7 @@ def _photo_shards(tmp_path, n, side=48):
 def test_dali_batches_stay_valid_while_held(tmp_path):
     """DALI's batches are handed out without a copy: holding a whole epoch of them (list(loader))
     must give the same images as cloning each batch the moment it arrives."""
-    cfg = DataConfig(shards=_photo_shards(tmp_path, 40), batch_size=4, backend="dali", num_threads=2, prefetch=2,
+    cfg = DataConfig(path=_photo_shards(tmp_path, 40), batch_size=4, loader="dali", num_workers=2, prefetch=2,
                      cache_dir=str(tmp_path / "c"))
     held = [images for images, _ in build_train_loader(cfg, 0, 1, 0, 0, SIZE, id_tokenizer)]
     cloned = [images.clone() for images, _ in build_train_loader(cfg, 0, 1, 0, 0, SIZE, id_tokenizer)]
@@ -254,7 +254,7 @@ def test_dali_runs_exactly_the_epochs_iterations(tmp_path, monkeypatch, n, prefe
         return pipes[-1]
 
     monkeypatch.setattr(data.DaliLoader, "_build", build)
-    cfg = DataConfig(shards=_photo_shards(tmp_path, n), batch_size=4, backend="dali", num_threads=1,
+    cfg = DataConfig(path=_photo_shards(tmp_path, n), batch_size=4, loader="dali", num_workers=1,
                      prefetch=prefetch, cache_dir=str(tmp_path / "c"))
     loader = build_train_loader(cfg, 0, 1, 0, 0, SIZE, id_tokenizer)
     assert sum(len(images) for images, _ in loader) == n
@@ -271,7 +271,7 @@ def test_a_sample_that_broke_after_validation_is_replaced_and_counted(tmp_path, 
     folder = tmp_path / "s"
     folder.mkdir()
     write_tar(str(folder / "a.tar"), [(f"k{i}", {"jpg": solid_jpeg(i), "txt": caption_of(i)}) for i in range(10)])
-    cfg = DataConfig(shards=str(folder), batch_size=4, backend=backend, num_threads=0 if backend == "pytorch" else 1,
+    cfg = DataConfig(path=str(folder), batch_size=4, loader=backend, num_workers=0 if backend == "pytorch" else 1,
                      shuffle=False, cache_dir=str(tmp_path / "c"))
     loader = build_train_loader(cfg, 0, 1, 0, 0, SIZE, id_tokenizer, with_keys=True, catalog=data.build_catalog(
         str(folder), cache_dir=str(tmp_path / "c")))
@@ -315,7 +315,7 @@ def test_repeated_keys_with_reencoded_members_stay_paired(tmp_path, backend):
         ("a", {"png": png(3), "txt": caption_of(3)}), ("c", {"png": png(4), "txt": caption_of(4)}),
         ("c", {"png": png(5), "txt": caption_of(5)}), ("d", {"jpg": solid_jpeg(6), "txt": caption_of(6)}),
     ])
-    cfg = DataConfig(shards=str(folder), batch_size=2, backend=backend, num_threads=1, cache_dir=str(tmp_path / "c"))
+    cfg = DataConfig(path=str(folder), batch_size=2, loader=backend, num_workers=1, cache_dir=str(tmp_path / "c"))
     loader = build_train_loader(cfg, 0, 1, 0, 0, SIZE, id_tokenizer, with_keys=True)
     keys, tokens, images = run_epoch(loader)
     assert dict(zip(keys, tokens[:, 0].tolist())) == {"a": 1, "b": 2, "c": 4, "d": 6}
@@ -336,7 +336,7 @@ def test_member_names_with_spaces_unicode_and_dots(tmp_path, backend):
     folder = tmp_path / "names"
     folder.mkdir()
     write_tar(str(folder / "a.tar"), [(n, {"jpg": solid_jpeg(i), "txt": caption_of(i)}) for i, n in enumerate(names)])
-    cfg = DataConfig(shards=str(folder), batch_size=2, backend=backend, num_threads=1, cache_dir=str(tmp_path / "c"))
+    cfg = DataConfig(path=str(folder), batch_size=2, loader=backend, num_workers=1, cache_dir=str(tmp_path / "c"))
     keys, tokens, images = run_epoch(build_train_loader(cfg, 0, 1, 0, 0, SIZE, id_tokenizer, with_keys=True))
     assert sorted(keys) == sorted(names)
     colours = pixels(images).mean(dim=(2, 3))
@@ -357,7 +357,7 @@ def _corrupted_after_validation(tmp_path, backend, bad, n=10, **kw):
             row = shard.table[shard.keys.index(f"k{k}")]
             f.seek(int(row["img_off"]) + 2)
             f.write(b"\x00" * (int(row["img_size"]) - 2))
-    cfg = DataConfig(shards=str(folder), batch_size=4, backend=backend, num_threads=0 if backend == "pytorch" else 1,
+    cfg = DataConfig(path=str(folder), batch_size=4, loader=backend, num_workers=0 if backend == "pytorch" else 1,
                      cache_dir=str(tmp_path / "c"), **kw)
     return lambda start=0: build_train_loader(cfg, 0, 1, 3, start, SIZE, id_tokenizer, with_keys=True,
                                               catalog=catalog)
@@ -467,7 +467,7 @@ def test_a_forged_stats_json_switches_no_validation_off(tmp_path):
             "format": webdataset.STATS_FORMAT, "validated": True, "count": 6,
             "shards": [{"name": "00000.tar", "count": 6, "bytes": size, "sha256": sha, "idx_sha256": idx_sha}]}))
         cache = tmp_path / f"cache-{sha[:4]}"
-        loader = build_train_loader(DataConfig(shards=str(folder), batch_size=2, backend="pytorch", num_threads=0,
+        loader = build_train_loader(DataConfig(path=str(folder), batch_size=2, loader="pytorch", num_workers=0,
                                                cache_dir=str(cache)), 0, 1, 0, 0, SIZE, id_tokenizer, with_keys=True)
         keys = run_epoch(loader)[0]
         assert sorted(keys) == ["k0", "k1", "k2", "k3"]
@@ -484,7 +484,7 @@ def test_a_truncated_tar_is_counted_and_warned_about(tmp_path):
         k5 = tar.getmember("k5.jpg")
     data_bytes = (folder / "a.tar").read_bytes()
     (folder / "a.tar").write_bytes(data_bytes[: k5.offset_data + 100])  # a download cut inside k5.jpg
-    cfg = DataConfig(shards=str(folder), batch_size=2, backend="pytorch", num_threads=0, cache_dir=str(tmp_path / "c"))
+    cfg = DataConfig(path=str(folder), batch_size=2, loader="pytorch", num_workers=0, cache_dir=str(tmp_path / "c"))
     with pytest.warns(RuntimeWarning, match=r"a.tar is cut short or damaged after byte"):
         loader = build_train_loader(cfg, 0, 1, 0, 0, SIZE, id_tokenizer, with_keys=True)
     assert sorted(run_epoch(loader)[0]) == [f"k{i}" for i in range(5)]
@@ -498,7 +498,7 @@ def test_real_tokenizer_receives_the_captions(tmp_path):
     folder.mkdir()
     caps = ["a photo of a cat", "Ünïcödé  caption\twith spaces", "x" * 400]
     write_tar(str(folder / "a.tar"), [(f"k{i}", {"jpg": solid_jpeg(i), "txt": c.encode()}) for i, c in enumerate(caps)])
-    cfg = DataConfig(shards=str(folder), batch_size=8, backend="dali", num_threads=1, shuffle=False,
+    cfg = DataConfig(path=str(folder), batch_size=8, loader="dali", num_workers=1, shuffle=False,
                      cache_dir=str(tmp_path / "c"))
     (_, tokens), = list(build_train_loader(cfg, 0, 1, 0, 0, SIZE))  # default tokenizer: clipforge.tokenize
     assert torch.equal(tokens, clipforge.tokenize(caps))
@@ -524,7 +524,7 @@ def test_dali_and_pillow_decode_alike(tmp_path):
                                       for i, s in enumerate(sizes)])
     out = {}
     for backend in BACKENDS:
-        cfg = DataConfig(shards=str(folder), batch_size=3, backend=backend, num_threads=1, cache_dir=str(tmp_path / "c"))
+        cfg = DataConfig(path=str(folder), batch_size=3, loader=backend, num_workers=1, cache_dir=str(tmp_path / "c"))
         for images, _, keys in build_eval_loader(cfg, 0, 1, 56, id_tokenizer, with_keys=True):
             for k, im in zip(keys, pixels(images)):
                 out.setdefault(k, {})[backend] = im
@@ -545,7 +545,7 @@ def test_dali_gpu_decode_matches_pillow(tmp_path):
                                       for i, s in enumerate(sizes)])
     out = {}
     for backend, device in (("dali", "cuda"), ("pytorch", "cpu")):
-        cfg = DataConfig(shards=str(folder), batch_size=2, backend=backend, num_threads=1, device=device,
+        cfg = DataConfig(path=str(folder), batch_size=2, loader=backend, num_workers=1, device=device,
                          cache_dir=str(tmp_path / "c"))
         for images, _, keys in build_eval_loader(cfg, 0, 1, 64, id_tokenizer, with_keys=True):
             assert images.device.type == device
@@ -556,7 +556,7 @@ def test_dali_gpu_decode_matches_pillow(tmp_path):
 
 
 def test_synthetic_loader_shapes_and_learnable_pairs():
-    cfg = DataConfig(backend="synthetic", batch_size=6, synthetic_samples=20, synthetic_classes=4)
+    cfg = DataConfig(loader="synthetic", batch_size=6, num_samples=20, num_classes=4)
     seen = []
     for r in range(2):
         loader = build_train_loader(cfg, r, 2, 0, 0, 16, tokenizer=id_tokenizer, with_keys=True)
@@ -572,12 +572,12 @@ def test_synthetic_loader_shapes_and_learnable_pairs():
 
 def test_config_errors(tmp_path):
     with pytest.raises(data.DataError, match="does not exist"):
-        build_train_loader(DataConfig(shards=str(tmp_path / "none.tar"), backend="pytorch"), tokenizer=id_tokenizer)
-    with pytest.raises(data.DataError, match="data.backend"):
-        build_train_loader(DataConfig(backend="magic"), tokenizer=id_tokenizer)
+        build_train_loader(DataConfig(path=str(tmp_path / "none.tar"), loader="pytorch"), tokenizer=id_tokenizer)
+    with pytest.raises(data.DataError, match="data.loader"):
+        build_train_loader(DataConfig(loader="magic"), tokenizer=id_tokenizer)
     (tmp_path / "bad.tar").write_bytes(b"not a tar at all" * 100)
     with pytest.raises(data.DataError, match="not a readable tar"):
-        build_train_loader(DataConfig(shards=str(tmp_path / "bad.tar"), backend="pytorch",
+        build_train_loader(DataConfig(path=str(tmp_path / "bad.tar"), loader="pytorch",
                                       cache_dir=str(tmp_path / "c")), tokenizer=id_tokenizer)
     assert data.DataConfig.from_dict({"batch_size": 3}).batch_size == 3
     with pytest.raises(ValueError, match="data.batchsize"):

@@ -187,7 +187,7 @@ def reference_gradients(cfg) -> dict:
     """Plain autograd of the reference loss over the whole first global batch, one process."""
     import clipforge
     from clipforge import reference
-    from clipforge.train.trainer import SyntheticPairs
+    from clipforge.data.synthetic import SyntheticPairs
 
     torch.manual_seed(cfg.seed)  # the trainer's initial weights
     model = clipforge.create_model(cfg.model.name, **cfg.model.overrides)
@@ -376,7 +376,7 @@ def test_deepspeed_checkpoint_files_load_without_code(tmp_path):
     """DeepSpeed's own files are read with weights_only=True: a pickle that would run code is refused."""
     import pickle
 
-    from clipforge.train.trainer import _weights_only_load
+    from clipforge.train.deepspeed_compat import _weights_only_load
 
     class Payload:
         def __reduce__(self):

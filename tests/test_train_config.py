@@ -141,7 +141,7 @@ EXAMPLES = {
 
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
 def test_example_configs_load_and_validate(name):
-    path = os.path.join(ROOT, "configs", name)
+    path = os.path.join(ROOT, "engine", "assets", name) if name == "demo.yaml" else os.path.join(ROOT, "configs", name)
     cfg = TrainConfig.load(path)
     ds = cfg.deepspeed_config(EXAMPLES[name])
     assert ds["train_batch_size"] == cfg.batch.global_size
@@ -242,3 +242,44 @@ def test_non_finite_numbers_are_refused_by_key(tmp_path, key, value):
     path.write_text("model: {name: tiny-vit}\n")
     with pytest.raises(ConfigError, match=rf"'{key}' must be a finite number"):
         TrainConfig.load(str(path), [f"{key}={value}"])
+
+
+def test_every_data_field_reaches_the_loader(tmp_path):
+    """The run config's data section IS the loaders' DataConfig: each field set in YAML arrives there."""
+    import dataclasses
+
+    from clipforge.data.config import DataConfig
+    from clipforge.model import get_preset
+    from clipforge.train.trainer import build_data_source
+
+    values = {"kind": "webdataset", "path": str(tmp_path / "shards"), "eval_path": str(tmp_path / "held-out"),
+              "loader": "synthetic", "num_workers": 3, "token_workers": 1, "cache_dir": str(tmp_path / "cache"),
+              "seed": 7, "shuffle": False, "batch_size": 4, "drop_last": True, "random_area": [0.5, 0.8],
+              "random_aspect_ratio": [0.5, 2.0], "max_pixels": 123456, "prefetch": 3, "device": "cpu",
+              "num_samples": 40, "num_classes": 5, "context_length": 9}
+    assert set(values) == {f.name for f in dataclasses.fields(DataConfig)}, "a DataConfig field is not covered"
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"data": values, "batch": {"global_size": 8, "micro_size": 2}}))
+    cfg = TrainConfig.load(str(path))
+    cfg.validate(world_size=2)
+    source = build_data_source(cfg, get_preset("tiny-vit"), rank=1, world_size=2)
+    reached = source.loader.cfg
+    for name, value in values.items():
+        want = tuple(value) if isinstance(value, list) else value
+        assert getattr(reached, name) == want, name
+    assert source.eval_cfg.path == values["eval_path"] and source.eval_cfg.seed == 7
+    # the synthetic source takes the same section
+    cfg.data.kind = "synthetic"
+    pairs = build_data_source(cfg, get_preset("tiny-vit"), rank=0, world_size=2)
+    assert pairs.cfg is cfg.data and pairs.next_batch()[1].shape == (4, 9)
+
+
+def test_data_batch_size_and_drop_last_must_agree_with_the_run(tmp_path):
+    cfg = TrainConfig.from_dict({"data": {"batch_size": 3}, "batch": {"global_size": 8, "micro_size": 2}})
+    with pytest.raises(ConfigError, match=r"data.batch_size.*\(4\)"):
+        cfg.validate(world_size=2)
+    cfg = TrainConfig.from_dict({"data": {"drop_last": False}, "batch": {"global_size": 8, "micro_size": 2}})
+    with pytest.raises(ConfigError, match="data.drop_last"):
+        cfg.validate(world_size=2)
+    with pytest.raises(ConfigError, match="data.num_workers"):
+        TrainConfig.from_dict({"data": {"num_workers": -1}})

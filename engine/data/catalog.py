@@ -11,6 +11,7 @@ import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+
 import numpy as np
 
 from .webdataset import CAPTION_EXT, IMAGE_EXTS, MAX_MEMBER_BYTES, STATS_FORMAT, STATS_NAME, read_index, scan_tar, sha256_file, split_name
@@ -197,7 +198,7 @@ def _validate_shard(path: str, cache_dir: str, max_pixels: int, threads: int):
     try:
         scanned = scan_tar(path, tar_report)
     except tarfile.TarError as exc:
-        raise DataError(f"shard {path} is not a readable tar file ({exc}); remove it from data.shards") from exc
+        raise DataError(f"shard {path} is not a readable tar file ({exc}); remove it from data.path") from exc
     if "truncated_at" in tar_report:  # how many samples the lost tail held cannot be known: counted once
         warnings.warn(f"shard {path} is cut short or damaged after byte {tar_report['truncated_at']:,}: the samples "
                       "there are lost (counted as skipped/truncated_tar)", RuntimeWarning, stacklevel=2)
@@ -316,5 +317,5 @@ def build_catalog(spec, *, cache_dir: str | None = None, max_pixels: int = DEFAU
             repaired.update(rp)
     cat = Catalog(refs, skipped, repaired, at_make_shards)
     if int(cat.counts.sum()) == 0:
-        raise DataError(f"no usable sample in data.shards = {spec!r} (skipped: {dict(cat.skipped)})")
+        raise DataError(f"no usable sample in data.path = {spec!r} (skipped: {dict(cat.skipped)})")
     return cat

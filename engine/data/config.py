@@ -9,29 +9,46 @@ from dataclasses import dataclass
 DEFAULT_MAX_PIXELS = 1024 * 1024 * 1024 // 4 // 3
 
 
+DEFAULT_BATCH_SIZE = 256  # a loader built directly, without batch_size
+KINDS = ("synthetic", "webdataset")
+LOADERS = ("auto", "dali", "pytorch", "synthetic")
+
+
 @dataclass
 class DataConfig:
-    """Data settings (YAML key `data`). Sizes are per rank."""
+    """The data settings: the run config's `data` section, and what the loaders take. Sizes are per rank.
 
-    shards: str | list[str] = ""  # folder of .tar, glob, "dir/{00000..00099}.tar", or a list of those
-    batch_size: int = 256
-    backend: str = "auto"  # auto | dali | pytorch | synthetic
-    num_threads: int = 4  # DALI CPU threads, or PyTorch DataLoader decode workers
-    # DALI backend: 0 = a thread of this process tokenizes captions `prefetch` batches ahead; N > 0 = N
-    # DataLoader processes do. The thread was ~10% faster on 2 CPU cores (a process's IPC costs more
-    # than the tokenizing, ~1 ms per 64 captions); processes pay off when one process feeds many GPUs.
+    One config for both: `clipforge.train` nests it (`TrainConfig.data`) and hands it to the loaders as it
+    is, so every key here can be set in a run config's YAML.
+    """
+
+    # synthetic: generated in memory (data/synthetic.py), the same global batches on any number of ranks;
+    # webdataset: shards read by the loaders (DALI or PyTorch/Pillow), each rank its own slice
+    kind: str = "synthetic"
+    path: str | list[str] | None = None  # shards: folder of .tar, glob, "dir/{00000..00099}.tar", or a list
+    eval_path: str | list[str] | None = None  # held-out shards for evaluation during training
+    loader: str = "auto"  # auto (DALI when it imports, else PyTorch) | dali | pytorch | synthetic (tests)
+    num_workers: int = 4  # DALI CPU threads, or PyTorch DataLoader decode workers
+    # DALI: 0 = a thread of this process tokenizes captions `prefetch` batches ahead; N > 0 = N DataLoader
+    # processes do (they pay off when one process feeds many GPUs; docs/BENCHMARKS.md has the figures)
     token_workers: int = 0
+    cache_dir: str | None = None  # read-time validation cache (default ~/.cache/clipforge/shards)
     seed: int = 0
     shuffle: bool = True  # training order; evaluation never shuffles
-    drop_last: bool = False
+    # per-rank batch; None: DEFAULT_BATCH_SIZE for a loader built directly. A training run takes
+    # batch.global_size / world size and refuses any other value here.
+    batch_size: int | None = None
+    # None: False for a loader built directly. A training run always drops the last partial batch (its
+    # ranks step in lock-step) and refuses false here.
+    drop_last: bool | None = None
     random_area: tuple[float, float] = (0.9, 1.0)  # OpenCLIP's RandomResizedCrop scale
     random_aspect_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    cache_dir: str | None = None  # read-time validation cache (default ~/.cache/clipforge/shards)
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are skipped (decompression bombs)
     prefetch: int = 2  # batches prepared ahead
     device: str | None = None  # where DALI decodes / the PyTorch path pins: None = cuda if available
-    synthetic_samples: int = 1024
-    synthetic_classes: int = 16
+    num_samples: int = 4096  # synthetic: data set size (training wraps around it)
+    num_classes: int = 32  # synthetic: (image, caption) prototypes the pairs are drawn from
+    context_length: int = 16  # synthetic: caption length in tokens (<= the model's context length)
 
     @classmethod
     def from_dict(cls, data) -> "DataConfig":
@@ -40,6 +57,31 @@ class DataConfig:
         from ..config import dataclass_from_dict
 
         return dataclass_from_dict(cls, data, "data")
+
+    @property
+    def loader_batch_size(self) -> int:
+        return int(self.batch_size) if self.batch_size is not None else DEFAULT_BATCH_SIZE
+
+    def check(self) -> None:
+        """Refuse impossible values, naming the key (the loaders and the run config both call it)."""
+        if self.kind not in KINDS:
+            raise DataError(f"config key 'data.kind' must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.loader not in LOADERS:
+            raise DataError(f"config key 'data.loader' must be one of {', '.join(LOADERS)}, got {self.loader!r}")
+        for key in ("num_workers", "token_workers"):
+            if int(getattr(self, key)) < 0:
+                raise DataError(f"config key 'data.{key}' must be >= 0, got {getattr(self, key)}")
+        for key in ("prefetch", "max_pixels", "num_samples", "num_classes"):
+            if int(getattr(self, key)) < 1:
+                raise DataError(f"config key 'data.{key}' must be positive, got {getattr(self, key)}")
+        if self.batch_size is not None and int(self.batch_size) < 1:
+            raise DataError(f"config key 'data.batch_size' must be positive, got {self.batch_size}")
+        for key in ("random_area", "random_aspect_ratio"):
+            lo, hi = getattr(self, key)
+            if not 0 < lo <= hi:
+                raise DataError(f"config key 'data.{key}' must be two numbers 0 < low <= high, got {getattr(self, key)}")
+        if self.random_area[1] > 1:
+            raise DataError(f"config key 'data.random_area' is a fraction of the image area (<= 1), got {self.random_area}")
 
 
 class DataError(ValueError):

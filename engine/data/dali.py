@@ -8,6 +8,7 @@ import shutil
 import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 
@@ -89,7 +90,7 @@ class DaliLoader(_Loader):
             device_id = dev.index if dev.index is not None else torch.cuda.current_device()
         # exec_dynamic (DALI's default execution model, named so it cannot change under us): each output
         # batch is a fresh buffer that stays valid while referenced, so `_to_torch` can hand it out uncopied.
-        pipe = Pipeline(batch_size=self.cfg.batch_size, num_threads=max(1, self.cfg.num_threads), device_id=device_id,
+        pipe = Pipeline(batch_size=self.batch_size, num_threads=max(1, self.cfg.num_workers), device_id=device_id,
                         seed=seed, prefetch_queue_depth=self._depth(plan), exec_dynamic=True)
         with pipe:
             jpegs = fn.readers.webdataset(paths=paths, index_paths=indexes, ext=["jpg"], random_shuffle=False,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import warnings
 from typing import Any, Sequence
+
 import numpy as np
 import torch
 import io
@@ -123,7 +124,7 @@ def pil_to_rgb(im):
     return im.convert("RGB")  # L, 1, P, CMYK (Pillow undoes Adobe's inverted CMYK), YCbCr, LAB, ...
 
 
-# CLIP's normalisation (CLIP.md): the statistics of the OpenAI training images.
+# CLIP's normalisation (docs/DESIGN.md): the statistics of the OpenAI training images.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 

@@ -11,7 +11,7 @@ Interface (what the trainer uses)
 
     eval_loader = build_eval_loader(cfg, rank, world_size, image_size, tokenizer)  # resize + centre crop
 
-`cfg` is a `DataConfig` (or a dict of its fields). `cfg.backend` picks the implementation:
+`cfg` is a `DataConfig` (or a dict of its fields). `cfg.loader` picks the implementation:
 "dali" (DALI pipeline; GPU decode with nvJPEG when CUDA is available, CPU otherwise), "pytorch"
 (DataLoader + Pillow, the fallback and the benchmark baseline), "synthetic" (in-memory, for tests:
 no files), or "auto" (DALI when it imports, else PyTorch). All of them share the same order, state
@@ -80,9 +80,12 @@ tokenizing). Use processes (`token_workers: N`) for several GPUs' worth of DALI 
 """
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import math
 import warnings
 from collections import Counter
+
 import numpy as np
 import torch
 
@@ -177,7 +180,7 @@ class _PillowBatches(torch.utils.data.Dataset):
                     if nxt is None:
                         raise DataError(
                             f"no sample of epoch {self.plan.epoch} can replace a bad one: all "
-                            f"{self.plan.epoch_total} were tried ({dict(errors)}); check data.shards") from exc
+                            f"{self.plan.epoch_total} were tried ({dict(errors)}); check data.path") from exc
                     taken.add(nxt)
                     errors["replaced"] += 1
                     todo.append(nxt)
@@ -209,7 +212,9 @@ class _Loader:
 
     def __init__(self, cfg: DataConfig, rank: int, world_size: int, epoch: int, start_position: int,
                  image_size: int, tokenizer, *, train: bool, with_keys: bool = False, catalog: Catalog | None = None):
+        cfg.check()
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.batch_size = cfg.loader_batch_size
         self.epoch, self.position = int(epoch), int(start_position)
         self.image_size, self.train, self.with_keys = int(image_size), train, with_keys
         self.tokenizer = tokenizer if tokenizer is not None else _default_tokenizer()
@@ -221,8 +226,8 @@ class _Loader:
             raise DataError(f"start position {self.position} is outside this rank's epoch of {self.num_samples} samples")
 
     def _catalog(self) -> Catalog:
-        return build_catalog(self.cfg.shards, cache_dir=self.cfg.cache_dir, max_pixels=self.cfg.max_pixels,
-                             threads=self.cfg.num_threads, rank=self.rank, world_size=self.world_size)
+        return build_catalog(self.cfg.path, cache_dir=self.cfg.cache_dir, max_pixels=self.cfg.max_pixels,
+                             threads=self.cfg.num_workers, rank=self.rank, world_size=self.world_size)
 
     # ---- order
     @property
@@ -237,8 +242,8 @@ class _Loader:
 
     def _epoch_batches(self) -> int:
         if self.cfg.drop_last:
-            return (self.total_samples // self.world_size) // self.cfg.batch_size
-        return math.ceil(self.num_samples / self.cfg.batch_size)
+            return (self.total_samples // self.world_size) // self.batch_size
+        return math.ceil(self.num_samples / self.batch_size)
 
     def __len__(self) -> int:
         return self._epoch_batches()
@@ -250,7 +255,7 @@ class _Loader:
         everything = rank_segments(self.catalog.counts, seed=self.cfg.seed, epoch=self.epoch, rank=0, world_size=1,
                                    shuffle=shuffle)
         plan = _EpochPlan(self.catalog, segments, seed=self.cfg.seed, epoch=self.epoch, shuffle=shuffle,
-                          start=self.position, batch_size=self.cfg.batch_size,
+                          start=self.position, batch_size=self.batch_size,
                           n_batches=self._epoch_batches() if self.cfg.drop_last else -1,
                           epoch_segments=everything, offset=self.rank * self.total_samples // self.world_size)
         self._vanished(self.catalog.refs[s].path for s in plan.missing)
@@ -334,7 +339,7 @@ class PyTorchLoader(_Loader):
 
     def _batches(self, plan):
         ds = self._pillow(plan, self.tokenizer)
-        workers = max(0, int(self.cfg.num_threads))
+        workers = max(0, int(self.cfg.num_workers))
         loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers,
                                              prefetch_factor=self.cfg.prefetch if workers else None,
                                              pin_memory=_device(self.cfg).type == "cuda")
@@ -362,7 +367,7 @@ def _backend(name: str):
             return PyTorchLoader
         name = "dali"
     if name not in _BACKENDS:
-        raise DataError(f"data.backend = {name!r} is not one of auto, dali, pytorch, synthetic")
+        raise DataError(f"data.loader = {name!r} is not one of auto, dali, pytorch, synthetic")
     if name == "dali":
         from .dali import DaliLoader
 
@@ -378,7 +383,7 @@ def build_train_loader(cfg, rank: int = 0, world_size: int = 1, epoch: int = 0, 
                        image_size: int = 224, tokenizer=None, *, with_keys: bool = False, catalog: Catalog | None = None):
     """Training batches for this rank: (images float32 (B, 3, S, S), tokens int64 (B, 77)), see the module doc."""
     cfg = DataConfig.from_dict(cfg)
-    return _backend(cfg.backend)(cfg, rank, world_size, epoch, start_position, image_size, tokenizer, train=True,
+    return _backend(cfg.loader)(cfg, rank, world_size, epoch, start_position, image_size, tokenizer, train=True,
                                  with_keys=with_keys, catalog=catalog)
 
 
@@ -386,5 +391,64 @@ def build_eval_loader(cfg, rank: int = 0, world_size: int = 1, image_size: int =
                       with_keys: bool = False, catalog: Catalog | None = None):
     """Evaluation batches: shorter-side bicubic resize + centre crop, file order, each sample once across ranks."""
     cfg = DataConfig.from_dict(cfg)
-    return _backend(cfg.backend)(cfg, rank, world_size, 0, 0, image_size, tokenizer, train=False,
+    return _backend(cfg.loader)(cfg, rank, world_size, 0, 0, image_size, tokenizer, train=False,
                                  with_keys=with_keys, catalog=catalog)
+
+
+# ------------------------------------------------------------------------- the trainer's source
+class ShardBatches:
+    """Webdataset shards through `clipforge.data` (DALI or PyTorch/Pillow), as the trainer's data source.
+
+    Each rank reads its own slice of every epoch (clipforge.data's sharding), `global / world` pairs per
+    step with `drop_last`, so all ranks step in lock-step; epochs follow one another. The position
+    (epoch, samples read) is the loader's own state.
+    """
+
+    def __init__(self, cfg: DataConfig, *, global_batch: int, eval_batches: int, image_size: int, rank: int,
+                 world_size: int):
+        """cfg: the run's data section as it is; the batch is this rank's share of `global_batch`."""
+        self.local_batch = global_batch // world_size
+        self.rank, self.world_size, self.image_size = rank, world_size, image_size
+        self.train_cfg = dataclasses.replace(cfg, batch_size=self.local_batch, drop_last=True)
+        self.eval_cfg = dataclasses.replace(self.train_cfg, path=cfg.eval_path) if cfg.eval_path else None
+        self.eval_batches = eval_batches
+        self.loader = build_train_loader(self.train_cfg, rank, world_size, image_size=image_size)
+        if len(self.loader) == 0:
+            raise ValueError(
+                f"config key 'data.path' ({cfg.path}) holds fewer samples than one global batch of "
+                f"{global_batch}; use more data or a smaller batch.global_size"
+            )
+        self._iter = None
+        self._eval = None
+
+    def next_batch(self):
+        for _ in range(2):  # at most one epoch boundary per batch
+            if self._iter is None:
+                self._iter = iter(self.loader)
+            try:
+                return next(self._iter)
+            except StopIteration:
+                self._iter = None
+        raise RuntimeError("the training loader yielded an empty epoch")
+
+    def eval_batch(self, i: int):
+        if self.eval_cfg is None:
+            raise ValueError("config key 'evaluation.every_steps' needs data.eval_path with webdataset data")
+        if self._eval is None:
+            loader = build_eval_loader(self.eval_cfg, self.rank, self.world_size, image_size=self.image_size)
+            self._eval = list(itertools.islice(loader, self.eval_batches))  # the same batches every evaluation
+            if not self._eval:
+                raise ValueError(f"config key 'data.eval_path' ({self.eval_cfg.path}) holds less than one batch")
+        return self._eval[i % len(self._eval)]
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
+        self._iter = None
+
+    @property
+    def stats(self) -> dict:
+        """The training loader's counters (clipforge.data's `loader.stats`)."""
+        return self.loader.stats

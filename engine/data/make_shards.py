@@ -37,8 +37,6 @@ from .validate import JPEG_QUALITY, MAX_CAPTION_FILE_BYTES, RefusedPath, Unreada
 from .tables import _table_items, is_table
 
 
-
-
 MAX_LISTED_SKIPS = 1000
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+
 import numpy as np
 
 from .catalog import Catalog, ShardRef
@@ -196,7 +197,7 @@ class _EpochPlan:
             else:
                 raise DataError(f"every shard of epoch {self.epoch} is gone from disk "
                                 f"({', '.join(sorted(self.catalog.refs[s].path for s in self.missing))}); "
-                                "check data.shards")
+                                "check data.path")
         return out
 
     def row(self, i: int):

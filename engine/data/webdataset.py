@@ -140,7 +140,7 @@ def expand_shards(spec) -> list[str]:
         return [p for s in spec for p in expand_shards(s)]
     spec = os.path.expanduser(str(spec))
     if not spec:
-        raise DataError("data.shards is empty: give a folder of .tar shards, a glob or a list of paths")
+        raise DataError("data.path is empty: give a folder of .tar shards, a glob or a list of paths")
     if os.path.isdir(spec):
         paths = sorted(os.path.join(spec, n) for n in os.listdir(spec) if n.endswith(".tar"))
     else:
@@ -155,9 +155,9 @@ def expand_shards(spec) -> list[str]:
             paths = [spec]
     for p in paths:
         if not os.path.isfile(p):
-            raise DataError(f"shard {p} does not exist (data.shards = {spec!r})")
+            raise DataError(f"shard {p} does not exist (data.path = {spec!r})")
     if not paths:
-        raise DataError(f"data.shards = {spec!r} matches no .tar file")
+        raise DataError(f"data.path = {spec!r} matches no .tar file")
     return paths
 
 

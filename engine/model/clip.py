@@ -6,15 +6,21 @@ call goes through `clipforge.ops.attention`, so the backend (Triton, SDPA, xform
 """
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .. import ops
-from ..serve.embed import EmbeddingMixin
 from .config import CLIPConfig, TextConfig, VisionConfig
+
+# The paper's ceiling on the learned temperature: the logits' scale exp(logit_scale) never exceeds 100
+# (the trainer clamps the parameter at MAX_LOGIT_SCALE after each step; inference clamps the scale at MAX_SCALE).
+MAX_SCALE = 100.0
+MAX_LOGIT_SCALE = math.log(MAX_SCALE)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -218,7 +224,37 @@ class ModifiedResNet(nn.Module):
         return self.attnpool(x)  # (N, E)
 
 
-class CLIP(EmbeddingMixin, nn.Module):
+class _EmbeddingMethods:
+    """The embedding API as methods of the model: `model.embed_images(...)` is
+    `clipforge.serve.embed.embed_images(model, ...)`, and so on. The code lives in serve/ and is imported
+    on first use, so that model/ imports nothing of serve/ (docs/DESIGN.md, the import rule)."""
+
+    def embed_images(self, images, batch_size: int = 64, **kwargs):
+        """Images -> (N, E) float32 L2-normalised embeddings; see clipforge.serve.embed.embed_images."""
+        from ..serve import embed
+
+        return embed.embed_images(self, images, batch_size, **kwargs)
+
+    def embed_texts(self, texts, batch_size: int = 256, **kwargs):
+        """Texts -> (N, E) float32 L2-normalised embeddings; see clipforge.serve.embed.embed_texts."""
+        from ..serve import embed
+
+        return embed.embed_texts(self, texts, batch_size, **kwargs)
+
+    def zero_shot_classifier(self, classnames, templates="imagenet", **kwargs):
+        """Class names x templates -> (C, E) classifier; see clipforge.serve.embed.zero_shot_classifier."""
+        from ..serve import embed
+
+        return embed.zero_shot_classifier(self, classnames, templates, **kwargs)
+
+    def classify(self, images, classifier, batch_size: int = 64, **kwargs):
+        """Images x classifier -> (N, C) probabilities; see clipforge.serve.embed.classify."""
+        from ..serve import embed
+
+        return embed.classify(self, images, classifier, batch_size, **kwargs)
+
+
+class CLIP(_EmbeddingMethods, nn.Module):
     """Image and text encoders into one embedding space, with a learned logit scale (log-space)."""
 
     def __init__(self, cfg: CLIPConfig):

@@ -121,7 +121,7 @@ def _rn(embed, res, layers, width, t_width, t_heads):
     )
 
 
-# CLIP.md's table. Tiny and small presets are for tests, demos and CPU benchmarks.
+# The released models' table (docs/DESIGN.md, "CLIP facts"). Tiny and small presets are for tests, demos and CPU benchmarks.
 PRESETS: dict[str, CLIPConfig] = {
     "RN50": _rn(1024, 224, (3, 4, 6, 3), 64, 512, 8),
     "RN101": _rn(512, 224, (3, 4, 23, 3), 64, 512, 8),

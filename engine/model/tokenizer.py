@@ -24,10 +24,10 @@ import html
 import importlib.resources
 import numbers
 from typing import Iterable, Sequence
+
 import ftfy
 import regex
 import torch
-
 
 
 SOT_TEXT = "<|startoftext|>"

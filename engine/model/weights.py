@@ -19,6 +19,7 @@ import pickle
 import re
 import zipfile
 from typing import Any, Mapping
+
 import torch
 
 from .config import CLIPConfig, TextConfig, VisionConfig, get_preset
@@ -26,7 +27,9 @@ from .clip import CLIP
 
 
 class CheckpointError(ValueError):
-    """A checkpoint file or state dict cannot be read or does not fit the model."""
+    """A checkpoint cannot be used: a weights file or state dict that cannot be read or does not fit the
+    model, or a training checkpoint to resume from that is missing, incomplete or unreadable (raised by
+    train/checkpoint.py too: one error for both)."""
 
 
 # ----------------------------------------------------------------------------- TorchScript archives

@@ -18,7 +18,6 @@ import os
 import sys
 
 
-
 DESCRIPTIONS = {
     "embed": "Embed a folder of images or a file of texts (one per line) into an .npy array of L2-normalised "
              "float32 rows, plus an index CSV (row,source). Large inputs stream through a memory map; an "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from typing import Any, Iterator
+
 import numpy as np
 
 from ..data.tables import CAPTION_COLUMNS, IMAGE_COLUMNS, TableError, is_table, pick_column, read_table

@@ -30,6 +30,7 @@ import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable, Iterator, Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -353,8 +354,10 @@ def zero_shot_classifier(model, classnames: Sequence[str], templates="imagenet",
 
 
 def logit_scale(model) -> float:
-    """exp(t) clamped to 100, the scale CLIP's logits use."""
-    return float(min(model.logit_scale.detach().float().exp().item(), 100.0))
+    """exp(t) clamped to MAX_SCALE (100), the scale CLIP's logits use."""
+    from ..model.clip import MAX_SCALE
+
+    return float(min(model.logit_scale.detach().float().exp().item(), MAX_SCALE))
 
 
 def classify(model, images, classifier: np.ndarray, batch_size: int = 64, *, device=None, amp: bool = True,
@@ -379,24 +382,3 @@ def probabilities(image_emb: np.ndarray, classifier: np.ndarray, scale: float) -
         raise ValueError(f"classifier must be (classes, {image_emb.shape[1]}), got shape {classifier.shape}")
     logits = torch.from_numpy(image_emb) @ torch.from_numpy(classifier).t() * scale
     return torch.softmax(logits, dim=1).numpy()
-
-
-class EmbeddingMixin:
-    """Methods the CLIP model carries: `embed_images`, `embed_texts`, `zero_shot_classifier`, `classify`."""
-
-    def embed_images(self, images, batch_size: int = 64, **kwargs):
-        return embed_images(self, images, batch_size, **kwargs)
-
-    def embed_texts(self, texts, batch_size: int = 256, **kwargs) -> np.ndarray:
-        return embed_texts(self, texts, batch_size, **kwargs)
-
-    def zero_shot_classifier(self, classnames, templates="imagenet", **kwargs) -> np.ndarray:
-        return zero_shot_classifier(self, classnames, templates, **kwargs)
-
-    def classify(self, images, classifier, batch_size: int = 64, **kwargs):
-        return classify(self, images, classifier, batch_size, **kwargs)
-
-
-for _name in ("embed_images", "embed_texts", "zero_shot_classifier", "classify"):
-    getattr(EmbeddingMixin, _name).__doc__ = globals()[_name].__doc__
-del _name

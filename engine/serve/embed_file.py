@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 from typing import Any, Callable, Sequence
+
 import numpy as np
 
 from .embed import _check_batch_size, _check_texts, _chunks, _encode_images, _encode_texts, _inference, _resolve_device, iter_image_batches

@@ -29,6 +29,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from typing import Sequence
+
 import numpy as np
 import torch
 

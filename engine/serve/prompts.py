@@ -20,7 +20,6 @@ import os
 from typing import Sequence
 
 
-
 _TEMPLATE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "templates")
 
 

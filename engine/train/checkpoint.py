@@ -19,17 +19,15 @@ from __future__ import annotations
 import os
 import re
 import shutil
+
 import torch
 
+from ..model.weights import CheckpointError
 
 
 COMPLETE = "COMPLETE"
 DS_TAG = "ds"
 _NAME = re.compile(r"^step_(\d+)$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint to resume from is missing, incomplete or unreadable."""
 
 
 def checkpoint_name(step: int) -> str:

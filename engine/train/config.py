@@ -12,20 +12,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import ConfigError, dataclass_from_dict
 from ..config import load_yaml as _load_yaml
+from ..data.config import DataConfig, DataError
 from ..ops import CONTRASTIVE_BACKENDS
 from ..config import apply_override
 
 
-# betas / eps of the paper per model family (CLIP.md): ViTs use a lower beta2 and a larger eps.
+# betas / eps of the paper per model family (docs/DESIGN.md): ViTs use a lower beta2 and a larger eps.
 ADAM_DEFAULTS = {"vit": ((0.9, 0.98), 1e-6), "resnet": ((0.9, 0.999), 1e-8)}
-MAX_LOGIT_SCALE = math.log(100.0)
 
 
 @dataclass
@@ -34,22 +33,6 @@ class ModelSection:
     # top-level or nested CLIPConfig fields passed to create_model (e.g. {quick_gelu: false})
     overrides: dict[str, Any] = field(default_factory=dict)
     grad_checkpointing: bool = False
-
-
-@dataclass
-class DataSection:
-    # synthetic: generated in memory, the same global batches on any number of ranks (tests, demos);
-    # webdataset: shards read by clipforge.data (DALI or PyTorch/Pillow), each rank its own shards
-    kind: str = "synthetic"
-    path: str | None = None  # webdataset: shards (a folder, glob, brace pattern)
-    eval_path: str | None = None  # webdataset: held-out shards for evaluation
-    loader: str = "auto"  # webdataset: auto | dali | pytorch (see clipforge.data)
-    num_workers: int = 4  # webdataset: DALI threads or DataLoader workers
-    cache_dir: str | None = None  # webdataset: clipforge.data's validation cache
-    num_samples: int = 4096  # synthetic: dataset size (it wraps around)
-    num_classes: int = 32  # synthetic: pairs are drawn from this many (image, caption) prototypes
-    context_length: int = 16  # synthetic: caption length in tokens (<= the model's context length)
-    seed: int = 0
 
 
 @dataclass
@@ -134,7 +117,7 @@ class EvaluationSection:
 @dataclass
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
-    data: DataSection = field(default_factory=DataSection)
+    data: DataConfig = field(default_factory=DataConfig)  # the loaders' own config, nested as it is
     batch: BatchSection = field(default_factory=BatchSection)
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
@@ -180,8 +163,10 @@ class TrainConfig:
         """Checks that do not depend on the number of ranks."""
         _one_of("precision.dtype", self.precision.dtype, ("fp32", "bf16", "fp16"))
         _one_of("optimizer.impl", self.optimizer.impl, ("torch", "deepspeed"))
-        _one_of("data.kind", self.data.kind, ("synthetic", "webdataset"))
-        _one_of("data.loader", self.data.loader, ("auto", "dali", "pytorch"))
+        try:
+            self.data.check()
+        except DataError as exc:
+            raise ConfigError(str(exc)) from None
         _one_of("deepspeed.offload_optimizer", self.deepspeed.offload_optimizer, ("none", "cpu"))
         _one_of("deepspeed.offload_param", self.deepspeed.offload_param, ("none", "cpu"))
         _one_of("loss.backend", self.loss.backend, CONTRASTIVE_BACKENDS)
@@ -243,6 +228,15 @@ class TrainConfig:
                 f"config key 'batch.global_size' ({self.batch.global_size}) must be divisible by "
                 f"world size x batch.micro_size ({world_size} x {self.batch.micro_size} = {per_step})"
             )
+        local = self.batch.global_size // world_size
+        if self.data.batch_size is not None and self.data.batch_size != local:
+            raise ConfigError(
+                f"config key 'data.batch_size' ({self.data.batch_size}) is the loader's per-rank batch, which a "
+                f"run takes from batch.global_size / world size ({local}); remove it or make them agree"
+            )
+        if self.data.drop_last is False:
+            raise ConfigError("config key 'data.drop_last' cannot be false in training: every rank steps on full "
+                              "batches in lock-step (remove the key)")
         return self.batch.global_size // per_step
 
     @property

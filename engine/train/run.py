@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+
 import torch
 import torch.distributed as dist
 

@@ -28,144 +28,26 @@ tests use as the reference for the cached path.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
 import random
 import time
 import warnings
+
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from .checkpoint import DS_TAG, load_trainer_state, save_trainer_state
 from ..loss import _all_gather_rows
-from .config import MAX_LOGIT_SCALE, ConfigError, TrainConfig
+from ..data.loaders import ShardBatches
+from ..data.synthetic import SyntheticPairs
+from ..model.clip import MAX_LOGIT_SCALE
+from .config import ConfigError, TrainConfig
+from .deepspeed_compat import _scalars_to_vectors, _weights_only_load
 
 
 class NonFiniteLossError(RuntimeError):
     """Too many non-finite losses in a row: the run is diverging."""
-
-
-# ---------------------------------------------------------------------------------------- data
-class SyntheticPairs:
-    """Deterministic in-memory (image, caption) pairs for CPU runs and tests.
-
-    Pairs are noisy copies of `num_classes` prototypes (a random image and a random caption each), so
-    a model can learn to match them and the loss goes down. Sample `i` is a pure function of
-    (seed, i), and each rank takes its contiguous share of every global batch: the same global batch
-    on any number of ranks, which is what makes runs on 1 and on W ranks comparable.
-    """
-
-    def __init__(self, cfg, *, image_size: int, vocab_size: int, context_length: int,
-                 global_batch: int, rank: int = 0, world_size: int = 1):
-        if cfg.context_length < 3 or cfg.context_length > context_length:
-            raise ValueError(
-                f"config key 'data.context_length' must be between 3 and the model's context length "
-                f"{context_length}, got {cfg.context_length}"
-            )
-        self.cfg, self.image_size = cfg, image_size
-        self.global_batch, self.rank, self.world_size = global_batch, rank, world_size
-        self.local_batch = global_batch // world_size
-        self.position = 0  # global index of the next sample to read
-        g = torch.Generator().manual_seed(cfg.seed)
-        self.prototypes = torch.randn(cfg.num_classes, 3, image_size, image_size, generator=g)  # (K, 3, R, R)
-        sot, eot = vocab_size - 2, vocab_size - 1  # <|startoftext|>, <|endoftext|> (EOT is the highest id)
-        words = torch.randint(1, sot, (cfg.num_classes, cfg.context_length - 3), generator=g)  # (K, L-3)
-        self.captions = torch.cat(
-            [torch.full((cfg.num_classes, 1), sot), words, torch.zeros(cfg.num_classes, 2, dtype=torch.long)], 1
-        )  # (K, L): SOT, class words, [one per-sample word], EOT
-        self.sot, self.eot, self.vocab_size = sot, eot, vocab_size
-
-    def sample(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + index)
-        cls = int(torch.randint(self.cfg.num_classes, (1,), generator=g))
-        image = self.prototypes[cls] + 0.5 * torch.randn(self.prototypes.shape[1:], generator=g)
-        tokens = self.captions[cls].clone()
-        tokens[-2] = int(torch.randint(1, self.sot, (1,), generator=g))
-        tokens[-1] = self.eot
-        return image, tokens
-
-    def batch_at(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
-        pairs = [self.sample(i) for i in indices]
-        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
-
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's share of the next global batch: (images (B, 3, R, R), tokens (B, L))."""
-        start = self.position + self.rank * self.local_batch
-        self.position += self.global_batch
-        return self.batch_at([i % self.cfg.num_samples for i in range(start, start + self.local_batch)])
-
-    def eval_batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Held-out global batch i (indices past the training set), this rank's share."""
-        start = self.cfg.num_samples + i * self.global_batch + self.rank * self.local_batch
-        return self.batch_at(range(start, start + self.local_batch))
-
-    def state_dict(self) -> dict:
-        return {"position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.position = int(state["position"])
-
-
-class ShardBatches:
-    """Webdataset shards through `clipforge.data` (DALI or PyTorch/Pillow), as the trainer's data source.
-
-    Each rank reads its own slice of every epoch (clipforge.data's sharding), `global / world` pairs per
-    step with `drop_last`, so all ranks step in lock-step; epochs follow one another. The position
-    (epoch, samples read) is the loader's own state.
-    """
-
-    def __init__(self, cfg: TrainConfig, *, image_size: int, rank: int, world_size: int):
-        from ..data import loaders as data
-
-        self._data = data
-        self.local_batch = cfg.batch.global_size // world_size
-        self.rank, self.world_size, self.image_size = rank, world_size, image_size
-        common = dict(batch_size=self.local_batch, backend=cfg.data.loader, num_threads=cfg.data.num_workers,
-                      seed=cfg.data.seed, cache_dir=cfg.data.cache_dir)
-        self.train_cfg = data.DataConfig(shards=cfg.data.path, drop_last=True, **common)
-        self.eval_cfg = data.DataConfig(shards=cfg.data.eval_path, drop_last=True, **common) if cfg.data.eval_path else None
-        self.eval_batches = cfg.evaluation.batches
-        self.loader = data.build_train_loader(self.train_cfg, rank, world_size, image_size=image_size)
-        if len(self.loader) == 0:
-            raise ValueError(
-                f"config key 'data.path' ({cfg.data.path}) holds fewer samples than one global batch of "
-                f"{cfg.batch.global_size}; use more data or a smaller batch.global_size"
-            )
-        self._iter = None
-        self._eval = None
-
-    def next_batch(self):
-        for _ in range(2):  # at most one epoch boundary per batch
-            if self._iter is None:
-                self._iter = iter(self.loader)
-            try:
-                return next(self._iter)
-            except StopIteration:
-                self._iter = None
-        raise RuntimeError("the training loader yielded an empty epoch")
-
-    def eval_batch(self, i: int):
-        if self.eval_cfg is None:
-            raise ValueError("config key 'evaluation.every_steps' needs data.eval_path with webdataset data")
-        if self._eval is None:
-            loader = self._data.build_eval_loader(self.eval_cfg, self.rank, self.world_size, image_size=self.image_size)
-            self._eval = list(itertools.islice(loader, self.eval_batches))  # the same batches every evaluation
-            if not self._eval:
-                raise ValueError(f"config key 'data.eval_path' ({self.eval_cfg.shards}) holds less than one batch")
-        return self._eval[i % len(self._eval)]
-
-    def state_dict(self) -> dict:
-        return self.loader.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.loader.load_state_dict(state)
-        self._iter = None
-
-    @property
-    def stats(self) -> dict:
-        """The training loader's counters (clipforge.data's `loader.stats`)."""
-        return self.loader.stats
 
 
 # ------------------------------------------------------------------------------- optimisation
@@ -226,37 +108,17 @@ def _set_full_rng_state(state: dict) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
-# ------------------------------------------------------------------------ DeepSpeed workarounds
-def _scalars_to_vectors(model: torch.nn.Module) -> dict[str, torch.Size]:
-    """Give 0-dim parameters (the logit scale) shape (1,) for the DeepSpeed engine's lifetime.
-
-    DeepSpeed 0.19 mishandles 0-dim parameters in several places: its start-up broadcast sends
-    `p.data.view(torch.uint8)` ("self.dim() cannot be 0 to view Float as Byte"), and ZeRO 0's gradient
-    clipping multiplies each grad in place by a (1,) coefficient ("output with shape [] doesn't match
-    the broadcast shape [1]"). A (1,) view of the same storage avoids both; the trainer reshapes the
-    scale back to 0-dim before the loss, and `full_state_dict` restores the declared shapes, so
-    exported weights keep OpenAI's 0-dim `logit_scale`. Returns {name: original shape}.
-    """
-    shapes = {}
-    for name, p in model.named_parameters():
-        if p.dim() == 0:
-            shapes[name] = p.shape
-            p.data = p.data.reshape(1)
-    return shapes
-
-
-def _deepspeed_checkpoint_globals() -> list:
-    """The classes DeepSpeed pickles into its checkpoints (plain records, no code), for weights_only."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-
-
-def _weights_only_load(path: str, map_location=None):
-    with torch.serialization.safe_globals(_deepspeed_checkpoint_globals()):
-        return torch.load(path, map_location=map_location, weights_only=True)
+# ------------------------------------------------------------------------------------------ data
+def build_data_source(cfg: TrainConfig, model_config, *, rank: int, world_size: int):
+    """The run's data source: the `data` section goes to data/ as it is (no translation), with this
+    rank's share of the global batch."""
+    vision, text = model_config.vision, model_config.text
+    if cfg.data.kind == "synthetic":
+        return SyntheticPairs(cfg.data, image_size=vision.image_size, vocab_size=text.vocab_size,
+                              context_length=text.context_length, global_batch=cfg.batch.global_size,
+                              rank=rank, world_size=world_size)
+    return ShardBatches(cfg.data, global_batch=cfg.batch.global_size, eval_batches=cfg.evaluation.batches,
+                        image_size=vision.image_size, rank=rank, world_size=world_size)
 
 
 # --------------------------------------------------------------------------------------- trainer
@@ -333,16 +195,7 @@ class Trainer:
         self.grad_hook = None
 
     def _build_data(self):
-        cfg = self.cfg
-        if cfg.data.kind == "synthetic":
-            text = self.model_config.text
-            return SyntheticPairs(
-                cfg.data, image_size=self.model_config.vision.image_size, vocab_size=text.vocab_size,
-                context_length=text.context_length, global_batch=cfg.batch.global_size,
-                rank=self.rank, world_size=self.world_size,
-            )
-        return ShardBatches(cfg, image_size=self.model_config.vision.image_size, rank=self.rank,
-                            world_size=self.world_size)
+        return build_data_source(self.cfg, self.model_config, rank=self.rank, world_size=self.world_size)
 
     def forward(self, images, tokens):
         """The engine's forward -> (image features, text features, 0-dim exponentiated scale)."""
