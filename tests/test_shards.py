@@ -453,3 +453,18 @@ def test_read_file_bounds(tmp_path):
             validate.read_file(sock_path)
     finally:
         server.close()
+
+
+def test_skip_reasons_are_one_vocabulary():
+    """Every skip make-shards or the loaders count is a SKIP_REASONS name; a misspelt one is refused."""
+    from collections import Counter
+
+    from clipforge.data.validate import SKIP_REASONS, RefusedPath, count_skip
+
+    counts = Counter()
+    count_skip(counts, "corrupt_image", 2)
+    assert counts == {"corrupt_image": 2} and "corrupt_image" in SKIP_REASONS
+    with pytest.raises(ValueError, match="SKIP_REASONS"):
+        count_skip(counts, "corupt_image")
+    with pytest.raises(ValueError, match="SKIP_REASONS"):
+        RefusedPath("a.jpg", "outside")

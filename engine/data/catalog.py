@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .webdataset import CAPTION_EXT, IMAGE_EXTS, MAX_MEMBER_BYTES, STATS_FORMAT, STATS_NAME, read_index, scan_tar, sha256_file, split_name
-from .validate import MAX_CAPTION_FILE_BYTES, check_caption, check_image
+from .validate import MAX_CAPTION_FILE_BYTES, check_caption, check_image, count_skip
 from .config import DEFAULT_MAX_PIXELS, DataError
 from .webdataset import _pread, expand_shards
 
@@ -237,15 +237,17 @@ def _validate_shard(path: str, cache_dir: str, max_pixels: int, threads: int):
     finally:
         os.close(fd)
 
-    skipped, repaired = Counter({"duplicate_key": duplicates} if duplicates else {}), Counter()
+    skipped, repaired = Counter(), Counter()
+    if duplicates:
+        count_skip(skipped, "duplicate_key", duplicates)
     if "truncated_at" in tar_report:
-        skipped["truncated_tar"] += 1
+        count_skip(skipped, "truncated_tar")
     keys, names, rows = [], [], []
     tmp_repair = f"{repair_path}.tmp{os.getpid()}"
     repair_tar = None
     for key, img, reason, chk in results:
         if reason:
-            skipped[reason] += 1
+            count_skip(skipped, reason)
             continue
         img_ext, off, size, name, txt = img
         if chk.repaired:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 from .config import DEFAULT_MAX_PIXELS
 from .webdataset import CAPTION_EXT, IMAGE_EXTS, STATS_FORMAT, STATS_NAME, index_tar, sha256_file
-from .validate import JPEG_QUALITY, MAX_CAPTION_FILE_BYTES, RefusedPath, UnreadableFile, check_caption, check_image, read_file, screen
+from .validate import JPEG_QUALITY, MAX_CAPTION_FILE_BYTES, RefusedPath, UnreadableFile, check_caption, check_image, count_skip, read_file, screen
 from .tables import _table_items, is_table
 
 
@@ -206,7 +206,7 @@ def make_shards(cfg: MakeShardsConfig) -> dict:
         for source, data, caption, reason, detail, meta in results:
             bar.update(1)
             if reason:
-                skipped[reason] += 1
+                count_skip(skipped, reason)
                 if len(listed) < MAX_LISTED_SKIPS:
                     listed.append({"source": source, "reason": reason, "detail": detail})
                 continue

@@ -24,13 +24,21 @@ MAX_FILE_BYTES = 256 << 20
 # A caption file is text: a larger one is skipped (the tokenizer reads 16,384 characters of it anyway).
 MAX_CAPTION_FILE_BYTES = 1 << 20
 
-# Skip reasons (shared with clipforge.data, whose counters use the same names).
+# Skip reasons: the one vocabulary of make-shards' stats.json and the loaders' skip counters
+# (`count_skip` refuses any other name, so a report never carries a reason nobody documented).
 SKIP_REASONS = (
     "missing_image", "empty_image", "corrupt_image", "too_large",
     "missing_caption", "empty_caption", "bad_caption_encoding", "duplicate_key",
     "duplicate_image", "not_a_regular_file", "link_outside_source", "path_outside_source", "file_too_large",
     "unreadable_file", "truncated_tar",
 )
+
+
+def count_skip(counter, reason: str, n: int = 1) -> None:
+    """Count `n` samples skipped for `reason`, one of SKIP_REASONS."""
+    if reason not in SKIP_REASONS:
+        raise ValueError(f"skip reason {reason!r} is not one of SKIP_REASONS; add it there (and to the docs)")
+    counter[reason] += n
 
 
 # --------------------------------------------------------------------------------------------
@@ -44,6 +52,8 @@ class RefusedPath(str):
     reason: str
 
     def __new__(cls, path: str, reason: str):
+        if reason not in SKIP_REASONS:
+            raise ValueError(f"skip reason {reason!r} is not one of SKIP_REASONS")
         obj = super().__new__(cls, path)
         obj.reason = reason
         return obj

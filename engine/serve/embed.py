@@ -304,8 +304,9 @@ class _Rows:
 def _warn_skipped(skipped: list) -> None:
     """The warning of embed_images / classify (on_error="skip") for images left out of their result,
     reported at the first caller outside clipforge (however many of its functions and methods lie between)."""
-    here, frame, level = os.path.dirname(os.path.abspath(__file__)), sys._getframe(0), 1
-    while frame.f_back is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == here:
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # clipforge/, all of it
+    frame, level = sys._getframe(0), 1
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
         frame, level = frame.f_back, level + 1
     shown = "; ".join(r for _, r in skipped[:3])
     warnings.warn(f"skipped {len(skipped)} unreadable image(s), not in the result: {shown}"
