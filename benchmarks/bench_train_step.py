@@ -4,7 +4,7 @@ Run: pytest benchmarks/bench_train_step.py --benchmark-only [--benchmark-json ou
 
 One step = forward, contrastive loss over the whole batch, backward, AdamW update; the data is excluded
 (images and tokens are already in memory, on the device).
-- clipforge: `clipforge.trainer.Trainer` in one process (DeepSpeed ZeRO 0, torch AdamW with the
+- clipforge: `clipforge.train.trainer.Trainer` in one process (DeepSpeed ZeRO 0, torch AdamW with the
   trainer's parameter groups, gradient clipping off as in the baseline), i.e. clipforge's model,
   gradient caching over micro-batches (when the micro-batch is smaller than the batch) and
   `clipforge.contrastive_loss` (C++ tiles on CPU, Triton on GPU). `Trainer.train_step` is timed as is.
@@ -16,7 +16,7 @@ One step = forward, contrastive loss over the whole batch, backward, AdamW updat
 Cases: on CPU (fp32) the small preset at equal work (batch 64, one forward each) and the tiny preset at
 a contrastive batch of 4,096 (clipforge: 16 gradient-caching micro-batches of 256; the baseline: one
 forward of 4,096). On a GPU: ViT-B/32, 256 per GPU, bf16, with model FLOPs utilisation
-(3 x forward FLOPs of the batch, counted by clipforge.plan's meta trace, over time x peak bf16 FLOP/s).
+(3 x forward FLOPs of the batch, counted by clipforge.train.plan's meta trace, over time x peak bf16 FLOP/s).
 
 Memory: CPU: the peak resident set during the timed steps (Linux VmHWM, reset after the warm-up step,
 so it is this case's peak, model and process included) and the resting RSS before them; GPU:

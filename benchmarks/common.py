@@ -14,7 +14,7 @@ def shim_torchvision() -> None:
 
 
 def roofline(flops: float, bytes_moved: float, seconds: float | None, precision: str = "bf16") -> dict:
-    """What the work of one op would take at the current GPU's data-sheet peaks (clipforge.plan.GPU_SPECS,
+    """What the work of one op would take at the current GPU's data-sheet peaks (clipforge.train.plan.GPU_SPECS,
     the one table): `roofline_ms` = max(flops / peak FLOP/s, bytes / HBM bandwidth), the bound that
     decides it, and `roofline_fraction` = roofline / measured time (1.0 = at the limit). Empty off a
     known GPU. `bytes_moved` counts HBM traffic at its minimum (inputs read and outputs written once)."""

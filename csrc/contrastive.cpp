@@ -4,7 +4,7 @@
 // logits, from which the row log-sum-exps are complete and the column (max, sum-exp) are merged online
 // across chunks (and later across ranks). Backward recomputes each chunk (1 GEMM) and turns it into
 // P_ij = exp(l_ij - r_i) + exp(l_ij - c_j) in place, then two GEMMs give dI and dT:
-//   G = coef * (P - 2 delta),  dI = s G T,  dT = s G^T I,  ds = sum_ij G_ij <I_i, T_j>  (CLIP.md).
+//   G = coef * (P - 2 delta),  dI = s G T,  dT = s G^T I,  ds = sum_ij G_ij <I_i, T_j>  (docs/DESIGN.md).
 // Four GEMMs of 2*n*m*d FLOPs in all; memory: one chunk of logits plus a 16-row scratch, O((n+m) d).
 //
 // Elementwise work, float32 (the training case): one exp per logit in each pass, written with GCC/Clang
@@ -20,16 +20,15 @@
 // Precision: l - M and l - R are rounded in float32, so a probability whose logit sits 30-60 below its
 // reference carries up to ~2e-6 relative error (the hi/lo split of the exact path avoids that), and
 // row sums add 64-term float partials: both well inside the loss's 1e-5 budget, tested against float64.
-// At N = 8192, d = 512 on the 2-core dev box this took fwd+bwd from 0.97 s to 0.86-0.95 s: the four
-// GEMMs alone take ~0.8 s, so the elementwise work is now ~5% (docs/BENCHMARKS.md).
+// Why the fast path: the four GEMMs are the loss's floor; two exps per logit in ATen passes added a large
+// share on top of them, one vectorised exp per logit adds a small one (docs/BENCHMARKS.md, "Contrastive
+// loss").
 //
-// Threading: GEMMs through ATen (MKL uses every core; measured on the 2-core dev box at N = 8192,
-// d = 512: 256-2048-row chunks run at 115-145 GFLOP/s, as fast as one big GEMM, so an OpenMP loop
-// over chunks with single-threaded GEMMs would only add one logits buffer per thread). The elementwise
-// work runs in ONE at::parallel_for per chunk over 16-row slices (ATen ops inside run on the calling
-// thread), not as thousands of small internally-parallel ATen calls, each an OpenMP barrier that
-// stalls when other processes share the cores (not a controlled comparison: the per-call version took
-// 20-70 s instead of 2.5 s at N = 8192 while ~10 other processes loaded the 2 cores).
+// Threading: GEMMs through ATen (MKL uses every core; row chunks of a few hundred rows already run as fast
+// as one big GEMM, so an OpenMP loop over chunks with single-threaded GEMMs would only add one logits
+// buffer per thread). The elementwise work runs in ONE at::parallel_for per chunk over 16-row slices
+// (ATen ops inside run on the calling thread), not as thousands of small internally-parallel ATen calls:
+// each of those is an OpenMP barrier, and barriers stall badly when other processes share the cores.
 #include "clipforge.h"
 
 #include <ATen/Parallel.h>
@@ -44,10 +43,9 @@
 namespace clipforge {
 namespace {
 
-// One chunk of logits is ~16 MiB: at N = 8192 that is 512 rows. Measured there (d = 512, 2 cores),
-// fwd+bwd took 0.85-0.90 s with 512-row chunks against 0.90-0.93 s with 256 (fewer passes of the
-// d_text accumulation over its 16 MB), and the loss's extra peak, gradients (32 MB) included, stays
-// under the 64 MB budget (34-51 MB measured).
+// One chunk of logits is ~16 MiB (512 rows at N = 8192): large enough to keep the passes of the d_text
+// accumulation over its (m, d) buffer few, small enough that the loss's extra memory stays within the
+// 64 MB target at N = 8192 (figures: docs/BENCHMARKS.md, "Contrastive loss").
 constexpr int64_t kTargetChunkBytes = 16 << 20;
 // Elementwise passes (exp, max, sums) run on 16-row slices of the chunk, which stay in L2 between
 // passes instead of streaming the whole chunk from DRAM once per pass.

@@ -132,11 +132,11 @@ def attention_tiles(
         num_stages = 1 if seqlen_k <= block_n else 3
         return TileConfig(block_m, block_n, num_warps, num_stages)
     if kind == "bwd_fused":
-        # One program per (batch, head) holding every query and key. Limits measured with
-        # benchmarks/compile_gate.py (bf16): up to 64 tokens fits without spills on sm80 and
-        # sm90 (head_dim 64: 4 warps, 228 / 151 registers; 128: 8 warps, 166 / 153); 128 x 128 tiles at
-        # head_dim 64 fit on sm90 (8 warps, 218 registers) but spill 1.2 KB on sm80, so sm80 takes the
-        # split path for 77 tokens. CLIPFORGE_ATTENTION_FUSED_BWD=0 forces the split path (to compare).
+        # One program per (batch, head) holding every query and key. Limits from
+        # benchmarks/compile_gate.py (bf16; register counts in docs/BENCHMARKS.md): up to 64 tokens fits
+        # without spills on sm80 and sm90 at head_dim 64 and 128; 128 x 128 tiles at head_dim 64 fit on
+        # sm90 but spill on sm80, so sm80 takes the split path for 77 tokens.
+        # CLIPFORGE_ATTENTION_FUSED_BWD=0 forces the split path (to compare).
         if os.environ.get("CLIPFORGE_ATTENTION_FUSED_BWD", "1") == "0":
             return None
         newest = capability is None or capability >= (9, 0)
@@ -167,15 +167,15 @@ def attention_tiles(
 
 def _fp32_attention_tiles(kind: str, head_dim: int, seqlen_q: int, seqlen_k: int) -> TileConfig | None:
     """Tiles for fp32 operands. Exact fp32 dots have no tensor-core layout: Triton keeps both operand
-    tiles in registers, so the bf16 tiles spilled 40-150 KB per thread and the pipelined key loop needed
-    224 KiB of shared memory (over sm80's 163 KiB). 32-key tiles on 4 warps, no fused backward;
-    benchmarks/compile_gate.py checks them for sm80 and sm90."""
+    tiles in registers, so the bf16 tiles spill heavily there and their pipelined key loop overflows
+    sm80's shared memory (figures: docs/BENCHMARKS.md, "Attention"). 32-key tiles on 4 warps, no fused
+    backward; benchmarks/compile_gate.py checks them for sm80 and sm90."""
     if kind == "bwd_fused":
         return None
     big_head = head_dim > 64
     if kind == "fwd":
-        # one stage: the FMA dots are the bottleneck, not the loads, and Triton 3.6 spilled 16 B on sm90
-        # at 77 causal tokens with two
+        # one stage: the FMA dots are the bottleneck, not the loads, and two stages spilled on sm90
+        # (Triton 3.6, 77 causal tokens)
         block_m, block_n = (16, 16) if big_head else (32, 32)
         return TileConfig(block_m, block_n, 4, 1)
     if kind == "bwd_dkdv":
