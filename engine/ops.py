@@ -9,6 +9,9 @@
 | chunked_topk      | torch (blocked GEMM + top-k)              | torch                             | cpp (clipforge._C), |
 |                   |                                           |                                   | else torch          |
 
+- meta tensors (planning traces): attention takes a stand-in with the fused kernel's memory,
+  whatever the backend (`_MetaAttention`: it saves q, k, v, the output and the (B, H, L) log-sum-exps,
+  never the L x L matrix); `clipforge plan` traces models on the meta device through it.
 - Triton on sm80+ only: current Triton's `tl.dot` has no tensor-core path on sm70 (and sm70 has no
   bf16), and nothing below sm80 is compile-gated (benchmarks/compile_gate.py), so there attention goes
   to the vendor kernels (xformers / SDPA) and the loss to "chunked": the same row-chunked algorithm as
@@ -178,12 +181,39 @@ def cpp_extension():
     return _C
 
 
+class _MetaAttention(torch.autograd.Function):
+    """Attention on meta tensors (planning traces): what the fused kernels keep for backward, and no more.
+
+    Every fused kernel the table picks (Triton, SDPA-flash / -efficient, xformers) saves q, k, v, the
+    output and the (B, H, L) row log-sum-exps in fp32, never the L x L probabilities that SDPA's math
+    path (which meta tensors would otherwise take) keeps. The output is laid out (B, L, H, d) in memory,
+    as those kernels write it, so the model's transpose + reshape after attention is a view. `causal` is
+    kept on the node, as a kernel keeps it for backward (clipforge plan counts attention FLOPs from it).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal):
+        b, h, s, _ = q.shape
+        out = q.new_empty(b, s, h, v.shape[-1]).transpose(1, 2)  # (B, H, L, d) view of a (B, L, H, d) buffer
+        lse = q.new_empty(b, h, s, dtype=torch.float32)
+        ctx.causal = causal
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, _, _ = ctx.saved_tensors
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None
+
+
 def attention(q, k, v, *, causal: bool = False, softmax_scale: float | None = None, backend: str = "auto"):
     """Scaled dot-product attention.
 
     q, k, v: (batch, heads, seq, head_dim). Returns (batch, heads, seq, head_dim).
     """
     name = select_attention_backend(q.device, backend, dtype=q.dtype, head_dim=q.shape[-1])
+    if q.device.type == "meta":  # no kernel runs on meta tensors: model the fused kernels' memory
+        return _MetaAttention.apply(q, k, v, causal)
     if name == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=softmax_scale)
     if name == "torch":

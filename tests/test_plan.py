@@ -164,6 +164,53 @@ def test_measured_mfu_is_read_from_benchmark_json(tmp_path):
     (tmp_path / "gpu.json").write_text(json.dumps(bench))
     assert planner.measured_mfu("H100-80GB", str(tmp_path), "ViT-B-32") == (0.41, "gpu.json: run2")
     assert planner.measured_mfu("H100-80GB", str(tmp_path), "RN50")[0] == 0.45
+    # a file named directly; nothing is read without a name; a named path that is not there is refused
+    assert planner.measured_mfu("H100-80GB", str(tmp_path / "gpu.json"), "ViT-B-32") == (0.41, "gpu.json: run2")
+    assert planner.measured_mfu("H100-80GB", None) is None
+    with pytest.raises(planner.PlanError, match="no such file or folder"):
+        planner.measured_mfu("H100-80GB", str(tmp_path / "missing.json"))
+
+
+def test_measured_rates_come_only_from_the_arguments(tmp_path, monkeypatch, capsys):
+    """A results folder in the working directory (as in a checkout) is never read unless named."""
+    bench = {"benchmarks": [{"name": "test_train_step[tiny-vit]", "extra_info": {
+        "provider": "clipforge", "mfu": 0.37, "preset": "tiny-vit", "device": "NVIDIA H100 80GB HBM3"}}]}
+    results = tmp_path / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    (results / "gpu.json").write_text(json.dumps(bench))
+    monkeypatch.chdir(tmp_path)
+    argv = ["--model", "tiny-vit", "--gpu", "H100-80GB", "--gpus", "2", "--batch", "96"]
+
+    def achievable(*extra):
+        assert planner.main([*argv, *extra]) == 0
+        return next(line for line in capsys.readouterr().out.splitlines() if "achievable" in line)
+
+    assert "x 40% achievable (assumed: no --mfu or --results given)" in achievable()
+    assert "x 37% achievable (measured (gpu.json: test_train_step[tiny-vit]))" in achievable("--results", str(results))
+    assert "x 37% achievable (measured" in achievable("--results", str(results / "gpu.json"))
+    assert "x 50% achievable (given with --mfu)" in achievable("--mfu", "0.5", "--results", str(results))
+    assert "x 35% achievable (assumed: no train-step measurement on V100" in achievable(
+        "--gpu", "V100-32GB", "--precision", "fp16", "--results", str(results))
+    assert planner.main([*argv, "--results", str(tmp_path / "nowhere")]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
+
+
+def test_meta_attention_saves_what_a_fused_kernel_saves():
+    """ops.attention on meta tensors (the planner's trace) keeps q, k, v, out and the (B, H, L) log-sum-exps,
+    never an L x L matrix, whichever backend is asked for; the planner needs no patching for it."""
+    from clipforge import ops
+
+    b, h, n, d = 2, 4, 50, 16
+    for backend in ("auto", "sdpa", "torch"):
+        q, k, v = (torch.empty(b, h, n, d, device="meta", requires_grad=True) for _ in range(3))
+        shapes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+            out = ops.attention(q, k, v, causal=True, backend=backend)
+        assert out.shape == (b, h, n, d) and out.device.type == "meta"
+        assert sorted(shapes) == sorted([(b, h, n, d)] * 4 + [(b, h, n)]), shapes
+        assert out.transpose(1, 2).is_contiguous()  # laid out (B, L, H, d), as the kernels write it
+        assert planner._graph_attention_flops([out]) == 4 * b * h * n * n * d // 2
+    assert "unittest" not in open(planner.__file__).read()
 
 
 @pytest.mark.parametrize("argv,message", [

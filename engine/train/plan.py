@@ -1,6 +1,7 @@
 """`clipforge plan`: memory per GPU, the largest micro-batch, communication and step time for a cluster.
 
     clipforge plan --model ViT-B-32 --gpu A100-40GB --gpus 8 --batch 32768 [--precision bf16] [--zero 1]
+                   [--mfu 0.38 | --results benchmarks/results]
 
 How each term is obtained (and what is assumed):
 - Parameters P: counted exactly on a model built on the meta device (no memory, no weights).
@@ -11,10 +12,10 @@ How each term is obtained (and what is assumed):
   communication buckets are added (reduce bucket for stages 1-2, prefetch bucket for stage 3, at the
   trainer's defaults), in the weights' dtype.
 - Activations: what autograd saves for backward in a forward of one micro-batch, traced on the meta
-  device with a saved-tensor hook (storages counted once, parameters excluded). Meta tensors take
-  SDPA's math path, which would save the S x S probabilities; every fused kernel the engine runs
-  (Triton on sm80+, xformers / SDPA-efficient on V100, SDPA-flash on CPU) saves only q, k, v, the
-  output and the row log-sum-exps, so attention is traced through a stand-in that saves exactly those.
+  device with a saved-tensor hook (storages counted once, parameters excluded). On meta tensors
+  `ops.attention` takes its planning path, a stand-in that saves what every fused kernel the engine runs
+  (Triton on sm80+, xformers / SDPA-efficient on V100, SDPA-flash on CPU) saves: q, k, v, the output and
+  the row log-sum-exps, never the S x S probabilities of SDPA's math path.
   With activation checkpointing the stored part is each block's input, and backward adds one block's
   recomputed activations at a time (the largest block is counted). The saved-tensor totals are
   checked against real CPU runs of the tiny and small presets in tests/test_plan.py.
@@ -25,10 +26,13 @@ How each term is obtained (and what is assumed):
 - Reserve: 1 GiB for the CUDA context, cuBLAS workspaces and the data pipeline, and 10% of the GPU
   memory left free against allocator fragmentation.
 - Step time: model FLOPs per sample counted on the same meta trace (torch's FlopCounterMode), backward
-  = 2 x forward; gradient caching adds one forward (the no-graph feature pass) and checkpointing one more.
-  Throughput = peak dense FLOP/s of the GPU x an achievable fraction: measured model-FLOPs utilisation
-  from benchmarks/results/*.json when a train-step run on that GPU family is there, else the assumed
-  fraction of GPU_SPECS (stated in the output). Communication is ring collectives over the slowest link
+  = 2 x forward (attention's FLOPs, which the stand-in does not compute, are counted from its q and k,
+  halved when causal); gradient caching adds one forward (the no-graph feature pass) and checkpointing
+  one more. Throughput = peak dense FLOP/s of the GPU x an achievable fraction: `--mfu`, else the
+  model-FLOPs utilisation measured on that GPU family in the pytest-benchmark JSON named by
+  `--results FILE_OR_FOLDER` (benchmarks/bench_train_step.py writes it), else the assumed fraction of
+  GPU_SPECS; the output says which. Nothing is read unless named: the installed package never looks
+  for a repository's benchmarks/results/. Communication is ring collectives over the slowest link
   (NVLink inside a node of 8, the per-GPU network link across nodes), not overlapped with compute:
   the printed step time is an upper bound, max(compute, communication) the lower one.
 """
@@ -40,6 +44,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass
+
 import torch
 
 from ..model.config import get_preset
@@ -101,36 +106,31 @@ class PlanError(ValueError):
 
 
 # ------------------------------------------------------------------------------------ meta trace
-class _FusedAttentionStandIn(torch.autograd.Function):
-    """Attention that saves what the fused kernels save: q, k, v, the output and the row log-sum-exps.
-
-    The output is laid out as (B, S, H, d) in memory, as the Triton and SDPA-flash kernels write it, so
-    the model's transpose + reshape after attention is a view and not a second copy.
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, causal):
-        b, h, s, d = q.shape  # (B, H, S, d)
-        out = q.new_empty(b, s, h, d).transpose(1, 2)  # (B, H, S, d) view of a (B, S, H, d) buffer
-        lse = q.new_empty(b, h, s, dtype=torch.float32)
-        ctx.save_for_backward(q, k, v, out, lse)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        q, k, v, _, _ = ctx.saved_tensors
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None
-
-
-def _stand_in_attention(q, k, v, *, causal=False, softmax_scale=None, backend="auto"):
-    return _FusedAttentionStandIn.apply(q, k, v, causal)
-
-
 def _attention_flops(q, k, causal) -> int:
     # q k^T and p v: 2 x (2 B H S_q S_k d) forward, halved for causal (FlashAttention's convention)
     b, h, sq, d = q.shape
     flops = 4 * b * h * sq * k.shape[2] * d
     return flops // 2 if causal else flops
+
+
+def _graph_attention_flops(outputs) -> int:
+    """Attention FLOPs of a traced forward: the meta-device attention nodes in the autograd graph behind
+    `outputs` keep q, k and the causal flag (call it on a trace without checkpointing: a checkpointed
+    block's saved tensors would be recomputed when read)."""
+    from .. import ops
+
+    stack = [t.grad_fn for t in outputs if t.grad_fn is not None]
+    seen, total = set(), 0
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if getattr(node, "_forward_cls", None) is ops._MetaAttention:
+            q, k = node.saved_tensors[:2]
+            total += _attention_flops(q, k, node.causal)
+        stack.extend(n for n, _ in node.next_functions if n is not None)
+    return total
 
 
 @dataclass
@@ -145,12 +145,10 @@ class TraceResult:
 
 
 def _trace_once(name: str, dtype: torch.dtype, batch: int, ckpt: bool, overrides: dict):
-    """(saved bytes, largest block bytes, forward FLOPs, parameter count) of one meta forward."""
-    from unittest import mock
-
+    """(saved bytes, largest block bytes, forward FLOPs, parameter count) of one meta forward; the FLOPs
+    are None with checkpointing (they are counted on the traces without)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .. import ops
     from ..model.clip import create_model
 
     with torch.device("meta"):
@@ -188,23 +186,18 @@ def _trace_once(name: str, dtype: torch.dtype, batch: int, ckpt: bool, overrides
         handles.append(unit.register_forward_pre_hook(enter(i)))
         handles.append(unit.register_forward_hook(leave))
 
-    attn_flops = [0]
-
-    def attention(q, k, v, *, causal=False, softmax_scale=None, backend="auto"):
-        attn_flops[0] += _attention_flops(q, k, causal)
-        return _stand_in_attention(q, k, v, causal=causal)
-
     r = model.image_size
     images = torch.empty(batch, 3, r, r, device="meta", dtype=dtype)
     tokens = torch.zeros(batch, model.context_length, dtype=torch.long, device="meta")
-    with mock.patch.object(ops, "attention", attention), FlopCounterMode(display=False) as counter:
+    # meta tensors: ops.attention takes the fused kernels' stand-in (saved tensors, no FLOPs of its own)
+    with FlopCounterMode(display=False) as counter:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(images, tokens)
+            outputs = model(images, tokens)
     for h in handles:
         h.remove()
     block_max = max((sum(b.values()) for b in blocks.values()), default=0)
-    return sum(saved.values()), block_max, counter.get_total_flops() + attn_flops[0], sum(
-        p.numel() for p in model.parameters())
+    flops = None if ckpt else counter.get_total_flops() + _graph_attention_flops(outputs)
+    return sum(saved.values()), block_max, flops, sum(p.numel() for p in model.parameters())
 
 
 def trace_model(name: str, precision: str = "fp32", overrides: dict | None = None) -> TraceResult:
@@ -297,18 +290,30 @@ def link_gbs(spec: GPUSpec, world: int) -> float:
     return spec.nvlink_gbs if world <= GPUS_PER_NODE else spec.network_gbs
 
 
-def measured_mfu(gpu: str, results_dir: str | None, model: str | None = None) -> tuple[float, str] | None:
-    """Model-FLOPs utilisation measured by benchmarks/bench_train_step.py on this GPU family, if any:
-    the highest of `model`'s measurements, else the highest of any model's."""
-    if not results_dir or not os.path.isdir(results_dir):
+def measured_mfu(gpu: str, results: str | None, model: str | None = None) -> tuple[float, str] | None:
+    """Model-FLOPs utilisation measured by benchmarks/bench_train_step.py on this GPU family, if any, in
+    `results`: a pytest-benchmark JSON file, or a folder of them (its *.json; unreadable ones skipped).
+    The highest of `model`'s measurements, else the highest of any model's. Nothing is read when
+    `results` is None; a path that does not exist, or a named file that is not JSON, is a PlanError."""
+    if not results:
         return None
+    if os.path.isdir(results):
+        paths, named = sorted(glob.glob(os.path.join(results, "*.json"))), False
+    elif os.path.isfile(results):
+        paths, named = [results], True
+    else:
+        raise PlanError(f"--results {results}: no such file or folder")
     family = gpu.split("-")[0]
     found = []
-    for path in sorted(glob.glob(os.path.join(results_dir, "*.json"))):
+    for path in paths:
         try:
             with open(path) as f:
                 data = json.load(f)
-        except (OSError, json.JSONDecodeError):
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            if named:
+                raise PlanError(f"--results {results}: not a readable pytest-benchmark JSON file ({exc})") from exc
+            continue
+        if not isinstance(data, dict):
             continue
         for bench in data.get("benchmarks", []):
             info = bench.get("extra_info", {})
@@ -360,6 +365,8 @@ class Plan:
 def make_plan(model: str, gpu: str, gpus: int, batch: int, precision: str | None = None,
               zero: int | None = None, mfu: float | None = None, results_dir: str | None = None,
               trace: TraceResult | None = None) -> Plan:
+    """The options and the recommendation. The achievable fraction of peak is `mfu`, else the one
+    measured in `results_dir` (a benchmark JSON file or folder, read only when given), else GPU_SPECS'."""
     if gpu not in GPU_SPECS:
         raise PlanError(f"unknown GPU type {gpu!r}; choose one of {', '.join(GPU_SPECS)}")
     spec = GPU_SPECS[gpu]
@@ -374,6 +381,8 @@ def make_plan(model: str, gpu: str, gpus: int, batch: int, precision: str | None
         raise PlanError(f"the global batch {batch} must be divisible by the number of GPUs {gpus}")
     if zero is not None and zero not in (0, 1, 2, 3):
         raise PlanError(f"--zero must be 0, 1, 2 or 3, got {zero}")
+    if mfu is not None and not 0 < mfu <= 1:
+        raise PlanError(f"--mfu is a fraction of peak FLOP/s in (0, 1], got {mfu:g}")
     cfg = get_preset(model)  # refuses unknown names with the list of presets
     trace = trace or trace_model(model, precision)
     local = batch // gpus
@@ -383,8 +392,10 @@ def make_plan(model: str, gpu: str, gpus: int, batch: int, precision: str | None
         source = "given with --mfu"
     elif measured:
         mfu, source = measured[0], f"measured ({measured[1]})"
+    elif results_dir:
+        mfu, source = spec.mfu, f"assumed: no train-step measurement on {gpu.split('-')[0]} in {results_dir}"
     else:
-        mfu, source = spec.mfu, "assumed (no train-step measurement on this GPU)"
+        mfu, source = spec.mfu, "assumed: no --mfu or --results given"
     throughput = spec.peak_tflops[precision] * 1e12 * mfu
     divisors = [m for m in range(1, local + 1) if local % m == 0]
     options, max_micro = [], {}
@@ -487,10 +498,6 @@ def run_config(plan: Plan, data_path: str, output_dir: str | None = None) -> dic
 
 
 # ------------------------------------------------------------------------------------------ CLI
-def _default_results_dir() -> str:
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "results")
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model preset, e.g. ViT-B-32")
     parser.add_argument("--gpu", required=True, choices=list(GPU_SPECS), help="GPU type")
@@ -500,9 +507,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="default: bf16 (A100/H100), fp16 (V100)")
     parser.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=None,
                         help="ZeRO stage (default: the planner picks)")
-    parser.add_argument("--mfu", type=float, default=None, help="achievable fraction of peak FLOP/s to assume")
-    parser.add_argument("--results", default=_default_results_dir(),
-                        help="folder of pytest-benchmark JSON files with measured train-step MFU")
+    parser.add_argument("--mfu", type=float, default=None,
+                        help="achievable fraction of peak FLOP/s, e.g. 0.38 (default: --results, else the "
+                             "assumption for the GPU, which the output states)")
+    parser.add_argument("--results", metavar="PATH", default=None,
+                        help="pytest-benchmark JSON file, or folder of them, with measured train-step MFU "
+                             "(benchmarks/bench_train_step.py); default: none, nothing is read")
     parser.add_argument("--write-config", metavar="PATH", default=None,
                         help="write the recommended configuration as a run config (YAML)")
     parser.add_argument("--data", default="/data/shards/{00000..41407}.tar",
