@@ -55,7 +55,7 @@ setup(
     packages=["clipforge", "clipforge.model", "clipforge.data", "clipforge.train", "clipforge.serve",
               "clipforge.kernels", "clipforge.assets", "clipforge.assets.templates"],
     package_dir={"clipforge": "engine", "clipforge.kernels": "kernels"},
-    package_data={"clipforge.assets": ["*.gz", "*.txt"], "clipforge.assets.templates": ["*.json"]},
+    package_data={"clipforge.assets": ["*.gz", "*.txt", "*.yaml"], "clipforge.assets.templates": ["*.json"]},
     include_package_data=True,
     ext_modules=_extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)},

@@ -9,9 +9,10 @@
    make-shards`; the held-out images go into an ImageFolder whose folders are label ids only (0..9):
    their classes get names only at evaluation. A manifest records what was generated; a later run
    whose manifest, shards and held-out files still match skips the work.
-2. Training (`configs/demo.yaml`): `deepspeed --num_gpus 2 --module clipforge.train` (two gloo ranks
-   on CPU), ZeRO stage 2, the DALI CPU pipeline over the shards, gradient caching (a micro-batch of
-   16 pairs per rank inside a contrastive batch of 64), the C++ contrastive loss (clipforge._C).
+2. Training (run config `clipforge/assets/demo.yaml`, shipped in the package): `deepspeed --num_gpus 2
+   --module clipforge.train` (two gloo ranks on CPU), ZeRO stage 2, the DALI CPU pipeline over the
+   shards, gradient caching (a micro-batch of 16 pairs per rank inside a contrastive batch of 64), the
+   C++ contrastive loss (clipforge._C).
 3. Evaluation: `clipforge.load` opens the exported weights; zero-shot classification of the held-out
    images with a classifier built at evaluation time from the class names and the shipped `digits`
    prompt templates (prompt ensembling); accuracy, per-class recall and a confusion-matrix PNG.
@@ -61,12 +62,12 @@ class DemoError(RuntimeError):
     """A demo stage failed; the message says which and where its log is."""
 
 
-def _repo_root() -> str:
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 def default_config() -> str:
-    return os.path.join(_repo_root(), "configs", "demo.yaml")
+    """The demo's run config, shipped as package data (clipforge/assets/demo.yaml): the demo never reads
+    a repository checkout."""
+    from importlib.resources import files
+
+    return os.fspath(files("clipforge").joinpath("assets", "demo.yaml"))
 
 
 def _say(msg: str) -> None:
@@ -257,12 +258,16 @@ def make_run_dir(output_dir: str | None, runs_root: str, force: bool) -> str:
 
 
 # ------------------------------------------------------------------------------------- training
-def launcher() -> str:
-    here = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    found = here if os.path.exists(here) else shutil.which("deepspeed")
-    if not found:
-        raise DemoError("the `deepspeed` launcher is not installed in this environment; run bash scripts/setup.sh")
-    return found
+def launcher() -> list[str]:
+    """The deepspeed launcher, run by this interpreter: `python -m deepspeed.launcher.runner` is what the
+    `deepspeed` script runs, and it starts the ranks with the same interpreter, so they import this
+    environment's clipforge whatever `deepspeed` script is first on PATH."""
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        raise DemoError(f"deepspeed is not installed for {sys.executable}; run bash scripts/setup.sh "
+                        "(or pip install 'clipforge[train]')")
+    return [sys.executable, "-m", "deepspeed.launcher.runner"]
 
 
 def train(config: str, run_dir: str, data_dir: str, *, ranks: int, max_steps: int | None, overrides=()) -> None:
@@ -271,7 +276,8 @@ def train(config: str, run_dir: str, data_dir: str, *, ranks: int, max_steps: in
     from .train.distributed import free_port, remove_shm_buffers
 
     port = free_port()
-    cmd = [launcher(), "--num_gpus", str(ranks), "--master_port", str(port), "--module", "clipforge.train",
+    launch = launcher()
+    cmd = [*launch, "--num_gpus", str(ranks), "--master_port", str(port), "--module", "clipforge.train",
            "--config", config, "--output-dir", run_dir, "--set", f"data.path={os.path.join(data_dir, 'train')}"]
     if max_steps is not None:
         cmd += ["--max-steps", str(max_steps), "--set", f"schedule.total_steps={max_steps}"]
@@ -280,10 +286,12 @@ def train(config: str, run_dir: str, data_dir: str, *, ranks: int, max_steps: in
     env = dict(os.environ)
     # one OpenMP thread per rank: the ranks (and DALI's threads) already share the cores
     env.setdefault("OMP_NUM_THREADS", "1")
-    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(_repo_root(), ".cache", "torch_extensions"))
+    # DeepSpeed JIT-builds its CPU ops into TORCH_EXTENSIONS_DIR when set (scripts/demo.sh sets it), else
+    # into torch's own default (~/.cache/torch_extensions): never into a source tree
     env["PYTHONUNBUFFERED"] = "1"
     log_path = os.path.join(run_dir, "train.log")
-    _say(f"training: {' '.join(cmd[:8])} ... (full command and output in {log_path})")
+    shown = " ".join(cmd[len(launch):len(launch) + 7])
+    _say(f"training: deepspeed {shown} ... (full command and output in {log_path})")
     with open(log_path, "wb") as log:
         log.write((" ".join(cmd) + "\n").encode())
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
@@ -371,7 +379,7 @@ def embed_examples(run_dir: str, data_dir: str) -> np.ndarray:
 # ----------------------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m clipforge.demo", description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=None, help="run config (default: configs/demo.yaml)")
+    p.add_argument("--config", default=None, help="run config (default: the packaged clipforge/assets/demo.yaml)")
     p.add_argument("--max-steps", type=int, default=None, help="training steps (default: the config's max_steps)")
     p.add_argument("--ranks", type=int, default=2, help="ranks the deepspeed launcher starts (default 2)")
     p.add_argument("--data-dir", default="data/demo", help="where the demo data set is made once (default data/demo)")
@@ -386,7 +394,9 @@ def main(argv=None) -> int:
     t0 = time.time()
     try:
         if not os.path.isfile(config):
-            raise DemoError(f"run config {config} not found; pass --config or run from a clipforge checkout")
+            raise DemoError(f"run config {config} not found" + (
+                "; pass an existing file with --config" if args.config else
+                ": this clipforge installation lacks its package data; reinstall it (pip install .)"))
         prepare_data(args.data_dir)
         if args.data_only:
             return 0

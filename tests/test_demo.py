@@ -2,6 +2,7 @@
 never clobbered silently, and a shortened end-to-end run through the real stack (deepspeed launcher,
 2 ranks, ZeRO 2, DALI, gradient caching, C++ loss) that must classify held-out digits well above chance.
 """
+import importlib.util
 import json
 import os
 import subprocess
@@ -113,8 +114,21 @@ def test_console_hides_launcher_chatter_but_keeps_progress_and_errors(capsysbina
     assert b"0/40 [00:00<?, ?step/s]" in out and b"1/40" in out and b"ValueError: bad\n" in out
 
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(sys.executable), "deepspeed")),
-                    reason="the deepspeed launcher is not installed")
+def test_run_config_ships_with_the_package():
+    """The demo's run config is package data (clipforge/assets/demo.yaml), not a file of the checkout."""
+    import clipforge
+    from clipforge.train.config import TrainConfig
+
+    path = demo.default_config()
+    assert os.path.isfile(path) and not os.path.exists(os.path.join(ROOT, "configs", "demo.yaml"))
+    assert os.path.dirname(path) == os.path.join(os.path.dirname(os.path.abspath(clipforge.__file__)), "assets")
+    cfg = TrainConfig.load(path)
+    assert cfg.deepspeed_config(2)["train_batch_size"] == cfg.batch.global_size == 64
+    if importlib.util.find_spec("deepspeed") is not None:  # the ranks run this interpreter, not a PATH script's
+        assert demo.launcher() == [sys.executable, "-m", "deepspeed.launcher.runner"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
 def test_short_demo_end_to_end(data_dir, tmp_path):
     """50 steps through `python -m clipforge.demo` (launcher, 2 ranks, ZeRO 2, DALI, caching, C++ loss);
     the default run is 300 steps (93% on the held-out digits), 50 steps with a shorter warm-up reach ~50%."""
