@@ -440,7 +440,6 @@ def test_a_forged_stats_json_switches_no_validation_off(tmp_path):
     import json
     import zlib
 
-    from clipforge.data import make_shards as shards
     from clipforge.data import webdataset
 
     def png_bomb(side=60_000):  # a valid header, an IDAT of deflated zeros: the decode would need 10 GB
