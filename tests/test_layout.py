@@ -105,3 +105,26 @@ def test_import_clipforge_loads_no_subsystem_it_does_not_need():
             "'clipforge.data'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out
+
+
+def test_the_public_names_keep_working():
+    """What users and docs rely on survives the move (internal paths simply moved)."""
+    import importlib
+    import importlib.util
+
+    import clipforge
+
+    for name in ("create_model", "load", "save", "tokenize", "contrastive_loss", "ContrastiveLoss", "CLIP",
+                 "CLIPConfig", "VisionConfig", "TextConfig", "get_preset", "__version__"):
+        assert hasattr(clipforge, name), name
+    assert callable(importlib.import_module("clipforge.kernels").attention)
+    assert callable(importlib.import_module("clipforge.kernels.attention").attention)
+    for module, names in {"clipforge.data": ("DataConfig", "DataError", "build_train_loader", "build_eval_loader"),
+                          "clipforge.model": ("CLIP", "create_model", "num_parameters"),
+                          "clipforge.train": ("main", "train"),
+                          "clipforge.loss": ("contrastive_loss", "contrastive_loss_and_grads"),
+                          "clipforge.ops": ("attention", "chunked_topk", "select_contrastive_backend")}.items():
+        mod = importlib.import_module(module)
+        assert all(hasattr(mod, n) for n in names), module
+    for entry in ("clipforge.train.__main__", "clipforge.demo", "clipforge.cli"):
+        assert importlib.util.find_spec(entry) is not None, entry
