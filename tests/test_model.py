@@ -406,3 +406,42 @@ def test_the_causal_mask_of_openai_archives_is_not_a_non_finite_weight():
     sd = clipforge.create_model("tiny-vit").state_dict()
     sd["attn_mask"] = torch.full((77, 77), float("-inf")).triu(1)  # as OpenAI's state dicts carry it
     clipforge.load(sd, model_name="tiny-vit")
+
+
+# ---------------------------------------------------------------------------- families clipforge does not load
+def _meta_state_dict(name: str) -> dict:
+    return open_clip.create_model(name, device="meta").state_dict()
+
+
+def _plain_keys() -> dict:
+    return {k: torch.empty(v.shape, device="meta") for k, v in clipforge.create_model("tiny-vit").state_dict().items()}
+
+
+@pytest.mark.parametrize("make,family", [
+    (lambda: _meta_state_dict("ViT-M-16-alt"), "layer scale"),
+    (lambda: _meta_state_dict("coca_ViT-B-32"), "CoCa"),
+    # timm and Hugging Face towers need packages this environment does not have: their key layouts
+    (lambda: {**_plain_keys(), "visual.trunk.stem.0.weight": torch.empty(1), "visual.trunk.stages.0.x": torch.empty(1)},
+     "ConvNeXt"),
+    (lambda: {"visual.trunk.blocks.0.attn.q_bias": torch.empty(1), "visual.trunk.rope.freqs": torch.empty(1)}, "EVA"),
+    (lambda: {"visual.trunk.attn_pool.q": torch.empty(1), "logit_bias": torch.empty(1),
+              "text.transformer.embeddings.word_embeddings.weight": torch.empty(1)}, "SigLIP"),
+    (lambda: {"visual.trunk.patch_embed.proj.weight": torch.empty(1)}, "timm image tower"),
+    (lambda: {"visual.conv1.weight": torch.empty(1), "text.transformer.embeddings.word_embeddings.weight": torch.empty(1),
+              "text.proj.0.weight": torch.empty(1)}, "Hugging Face text tower"),
+    (lambda: {"visual.conv1.weight": torch.empty(1), "text.token_embedding.weight": torch.empty(1)}, "custom text tower"),
+    (lambda: {**_plain_keys(), "logit_bias": torch.empty(1)}, "SigLIP"),
+])
+@pytest.mark.parametrize("named", [False, True])
+def test_other_families_are_refused_by_name(make, family, named):
+    """An OpenCLIP checkpoint outside the plain-tower set is refused in one sentence that names its family
+    and says what clipforge loads, with or without a model name (never a wrong guess or a key error)."""
+    kwargs = {"model_name": "tiny-vit"} if named else {}
+    with pytest.raises(CheckpointError, match=rf"family clipforge does not load: [^;]*{family}.*clipforge loads CLIP"):
+        clipforge.load(make(), **kwargs)
+
+
+def test_a_plain_state_dict_is_no_other_family():
+    from clipforge.model.weights import _family
+
+    assert _family(_meta_state_dict("ViT-B-32")) is None and _family(_plain_keys()) is None

@@ -200,6 +200,50 @@ def _unwrap(obj: Any, where: str) -> tuple[dict[str, torch.Tensor], dict | None]
     return sd, cfg
 
 
+# ----------------------------------------------------------------------------- families
+LOADS = ("clipforge loads CLIP models with the plain towers of OpenAI's and OpenCLIP's releases: a ViT "
+         "(visual.conv1, visual.transformer.*) or modified ResNet (visual.layer1-4, visual.attnpool) image tower "
+         "and the plain text transformer (token_embedding, transformer.resblocks.*, ln_final, text_projection)")
+
+
+def _family(sd: Mapping[str, Any]) -> str | None:
+    """The OpenCLIP model family of a state dict that clipforge does not implement, by its keys, or None."""
+    keys = list(sd)
+
+    def has(prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in keys)
+
+    if has("text_decoder.") or has("visual.attn_pool."):
+        return "CoCa (a captioning text decoder, text_decoder.*)"
+    if has("visual.trunk."):
+        if "logit_bias" in sd:
+            kind = "SigLIP (a timm image tower with a sigmoid-loss logit_bias)"
+        elif has("visual.trunk.stages."):
+            kind = "ConvNeXt (a timm image tower, visual.trunk.stages.*)"
+        elif any(".rope" in k or k.endswith("q_bias") for k in keys if k.startswith("visual.trunk.")):
+            kind = "EVA (a timm image tower with rotary embeddings)"
+        else:
+            kind = "a timm image tower (visual.trunk.*)"
+        return kind
+    if has("text."):
+        if has("text.transformer.embeddings.") or has("text.transformer.encoder.") or has("text.proj"):
+            return "a Hugging Face text tower (CustomTextCLIP, text.transformer.* from transformers)"
+        return "a custom text tower (CustomTextCLIP, text.*)"
+    if any(k.endswith(("ls_1.gamma", "ls_2.gamma")) for k in keys):
+        return "layer scale (ls_1 / ls_2 gains in the residual blocks, e.g. ViT-M-16-alt)"
+    if "logit_bias" in sd:
+        return "SigLIP (a sigmoid-loss logit_bias)"
+    return None
+
+
+def refuse_other_families(sd: Mapping[str, Any], where: str) -> None:
+    """One sentence for a checkpoint of a family clipforge does not implement (before any guess)."""
+    family = _family(sd)
+    if family is not None:
+        raise CheckpointError(f"{where} is an OpenCLIP model of a family clipforge does not load: {family}; "
+                              f"{LOADS}")
+
+
 # ----------------------------------------------------------------------------- architecture
 def _count(sd: Mapping[str, Any], pattern: str) -> int:
     rx = re.compile(pattern)
@@ -236,8 +280,7 @@ def infer_config(sd: Mapping[str, torch.Tensor], quick_gelu: bool = True) -> CLI
             vision = VisionConfig(image_size=grid * 32, layers=layers, width=width, patch_size=None)
     except KeyError as exc:
         raise CheckpointError(
-            f"cannot infer the CLIP architecture: key {exc.args[0]!r} is missing "
-            "(is this a CLIP checkpoint in OpenAI/OpenCLIP format?)"
+            f"cannot infer the CLIP architecture: key {exc.args[0]!r} is missing; {LOADS}"
         ) from None
     return CLIPConfig(embed_dim=embed_dim, vision=vision, text=text, quick_gelu=quick_gelu)
 
@@ -297,6 +340,7 @@ def load(
     else:
         sd, stored_cfg = read_state_dict(path_or_state_dict)
         where = os.fspath(path_or_state_dict)
+    refuse_other_families(sd, where)
     if not allow_nonfinite:
         _check_finite(sd, where)
     if config is not None:
