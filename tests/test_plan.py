@@ -230,3 +230,30 @@ def test_cli_writes_a_loadable_run_config(tmp_path, capsys):
     cfg = TrainConfig.load(str(out))
     assert cfg.precision.dtype == "bf16" and cfg.batch.global_size == 96
     assert "recommended" in capsys.readouterr().out
+
+
+def test_bigg_plan_and_shipped_run_config(traces):
+    """ViT-bigG-14 (OpenCLIP's shapes) at 32,768 on 64 A100-80GB: ZeRO 3 fits with one 512-pair forward
+    per GPU, and configs/vit-bigg-14-32k-64xa100.yaml is that plan and validates at world size 64."""
+    import os
+
+    t = traces("ViT-bigG-14", "bf16")
+    assert t.params == 2_539_567_105  # open_clip.create_model("ViT-bigG-14")'s count (tests/test_presets.py)
+    plan = planner.make_plan("ViT-bigG-14", "A100-80GB", 64, 32768, zero=3, trace=t)
+    b = plan.best
+    assert b is not None and b.zero == 3 and b.memory.total <= plan.capacity
+    assert (b.micro, b.steps, b.ckpt) == (512, 1, True)
+    assert plan.max_micro[(3, False)] < 512  # without checkpointing it would need gradient caching
+    # the automatic pick fits too (the planner rates ZeRO 2 marginally faster: fewer bytes moved)
+    auto = planner.make_plan("ViT-bigG-14", "A100-80GB", 64, 32768, trace=t)
+    assert auto.best is not None and auto.best.memory.total <= auto.capacity
+    assert abs(auto.best.step_s - b.step_s) <= 0.05 * b.step_s
+    assert "recommended: ZeRO 3" in planner.format_plan(plan)
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = TrainConfig.load(os.path.join(root, "configs", "vit-bigg-14-32k-64xa100.yaml"))
+    assert cfg.validate(64) == b.steps
+    assert cfg.model.name == "ViT-bigG-14" and cfg.batch.global_size == 32768 and cfg.precision.dtype == "bf16"
+    assert (cfg.batch.micro_size, cfg.deepspeed.zero_stage, cfg.model.grad_checkpointing) == (b.micro, 3, b.ckpt)
+    ds = cfg.deepspeed_config(64)
+    assert ds["train_batch_size"] == 32768 and ds["zero_optimization"]["stage"] == 3

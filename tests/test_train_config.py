@@ -136,6 +136,7 @@ EXAMPLES = {
     "vit-b-32-32k-8xa100.yaml": 8,
     "vit-b-32-32k-128xa100.yaml": 128,
     "vit-l-14-v100-fp16.yaml": 64,
+    "vit-bigg-14-32k-64xa100.yaml": 64,
 }
 
 

@@ -33,6 +33,7 @@ class VisionConfig:
         _positive(f"{prefix}.image_size", self.image_size)
         if self.heads is not None:
             _positive(f"{prefix}.heads", self.heads)
+        _ratio(f"{prefix}.mlp_ratio", self.mlp_ratio, self.width)
         if self.is_resnet:
             if len(self.layers) != 4:
                 raise ConfigError(f"config key '{prefix}.layers' needs 4 stage depths for a ResNet, got {self.layers}")
@@ -60,11 +61,20 @@ class TextConfig:
     def validate(self, prefix: str = "text") -> None:
         for key in ("context_length", "vocab_size", "width", "heads", "layers"):
             _positive(f"{prefix}.{key}", getattr(self, key))
+        _ratio(f"{prefix}.mlp_ratio", self.mlp_ratio, self.width)
 
 
 def _positive(key: str, value) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ConfigError(f"config key '{key}' must be a positive integer, got {value!r}")
+
+
+def _ratio(key: str, value, width: int) -> None:
+    # the MLP's hidden width is int(width * mlp_ratio), as OpenCLIP rounds it (ViT-g-14: 1408 x 4.3637 -> 6144)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
+            or int(width * value) < 1:
+        raise ConfigError(f"config key '{key}' must be a positive number (MLP width int(width * mlp_ratio)), "
+                          f"got {value!r}")
 
 
 @dataclass
@@ -113,6 +123,18 @@ def _vit(embed, res, layers, width, patch, t_width, t_heads, t_layers=12):
     )
 
 
+def _openclip_vit(embed, res, layers, width, patch, t_width, t_heads, t_layers=12, head_width=64, mlp_ratio=4.0):
+    """OpenCLIP's plain ViT (open_clip/model_configs/NAME.json): GELU, heads = width // head_width, MLP
+    hidden int(width * mlp_ratio) as OpenCLIP rounds it; class-token pooling, ln_pre, ln_post, proj."""
+    return CLIPConfig(
+        embed_dim=embed,
+        vision=VisionConfig(image_size=res, layers=layers, width=width, patch_size=patch, heads=width // head_width,
+                            mlp_ratio=mlp_ratio),
+        text=TextConfig(width=t_width, heads=t_heads, layers=t_layers),
+        quick_gelu=False,
+    )
+
+
 def _rn(embed, res, layers, width, t_width, t_heads):
     return CLIPConfig(
         embed_dim=embed,
@@ -132,6 +154,18 @@ PRESETS: dict[str, CLIPConfig] = {
     "ViT-B-16": _vit(512, 224, 12, 768, 16, 512, 8),
     "ViT-L-14": _vit(768, 224, 24, 1024, 14, 768, 12),
     "ViT-L-14-336": _vit(768, 336, 24, 1024, 14, 768, 12),
+    # OpenCLIP's plain-ViT family, with OpenCLIP's shapes and activation (GELU; `NAME-quickgelu` for QuickGELU)
+    "ViT-S-32": _openclip_vit(384, 224, 12, 384, 32, 384, 6),
+    "ViT-S-16": _openclip_vit(384, 224, 12, 384, 16, 384, 6),
+    "ViT-M-32": _openclip_vit(512, 224, 12, 512, 32, 512, 8),
+    "ViT-M-16": _openclip_vit(512, 224, 12, 512, 16, 512, 8),
+    "ViT-B-32-256": _openclip_vit(512, 256, 12, 768, 32, 512, 8),
+    "ViT-B-16-plus-240": _openclip_vit(640, 240, 12, 896, 16, 640, 10),
+    "ViT-L-16": _openclip_vit(768, 224, 24, 1024, 16, 768, 12),
+    "ViT-H-14": _openclip_vit(1024, 224, 32, 1280, 14, 1024, 16, t_layers=24, head_width=80),
+    "ViT-H-16": _openclip_vit(1024, 224, 32, 1280, 16, 1024, 16, t_layers=24, head_width=80),
+    "ViT-g-14": _openclip_vit(1024, 224, 40, 1408, 14, 1024, 16, t_layers=24, head_width=88, mlp_ratio=4.3637),
+    "ViT-bigG-14": _openclip_vit(1280, 224, 48, 1664, 14, 1280, 20, t_layers=32, head_width=104, mlp_ratio=4.9231),
     # test / demo presets: 32 px images, 2 layers, width 64 (head_dim 32)
     "tiny-vit": CLIPConfig(
         embed_dim=64,
@@ -165,3 +199,8 @@ def get_preset(name: str) -> CLIPConfig:
     if quick is not None:
         cfg.quick_gelu = quick
     return cfg
+
+
+def list_models() -> list[str]:
+    """The preset names, sorted (OpenAI's `ViT-B/32` spellings and the `-quickgelu` twins not listed)."""
+    return sorted(PRESETS)
