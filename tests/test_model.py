@@ -62,6 +62,20 @@ def _randomize(model: torch.nn.Module, seed: int = 0) -> None:
                 t.copy_(torch.randn(t.shape, generator=g) / fan_in**0.5)
 
 
+def _config_of(name: str, quick_gelu: bool):
+    """clipforge's config of an OpenCLIP model of the tests (a plain state dict does not say it)."""
+    if name not in TINY_OPENCLIP:
+        return clipforge.get_preset(name + ("-quickgelu" if quick_gelu else ""))
+    kw = TINY_OPENCLIP[name]
+    v, t = kw["vision_cfg"], kw["text_cfg"]
+    resnet = isinstance(v["layers"], list)
+    vision = clipforge.VisionConfig(image_size=v["image_size"], layers=tuple(v["layers"]) if resnet else v["layers"],
+                                    width=v["width"], patch_size=None if resnet else v["patch_size"],
+                                    heads=v["width"] * 32 // 64 if resnet else v["width"] // 64)
+    return clipforge.CLIPConfig(embed_dim=kw["embed_dim"], vision=vision, text=clipforge.TextConfig(**t),
+                                quick_gelu=quick_gelu)
+
+
 def _openclip_model(name: str, quick_gelu: bool):
     if name in TINY_OPENCLIP:
         from open_clip.model import CLIP as OpenCLIPModel
@@ -101,7 +115,7 @@ def test_parity_with_openclip(name, quick_gelu, tmp_path):
     # through a file, as users load released weights (torch.save -> weights_only read)
     path = tmp_path / "weights.pt"
     torch.save(sd, path)
-    ours = clipforge.load(str(path), quick_gelu=quick_gelu)
+    ours = clipforge.load(str(path), config=_config_of(name, quick_gelu))
     assert not ours.training
     res = ours.image_size
     images, tokens = _inputs(res)
@@ -114,7 +128,7 @@ def test_parity_with_openclip(name, quick_gelu, tmp_path):
 def test_wrong_activation_changes_output():
     """The parity test would catch a wrong activation: GELU weights run with QuickGELU differ."""
     ref = _openclip_model("tiny-vit", quick_gelu=False)
-    ours = clipforge.load(ref.state_dict(), quick_gelu=True)
+    ours = clipforge.load(ref.state_dict(), config=_config_of("tiny-vit", quick_gelu=True))
     images, _ = _inputs(32)
     with torch.no_grad():
         diff = (ours.encode_image(images) - ref.encode_image(images)).abs().max().item()
@@ -129,14 +143,14 @@ def test_openclip_quickgelu_name_and_formats(tmp_path):
     # an OpenCLIP training checkpoint: {"state_dict": {"module.*": ...}, "epoch": ...}
     ckpt = {"epoch": 3, "name": "run", "state_dict": {f"module.{k}": v for k, v in ref.state_dict().items()}}
     torch.save(ckpt, tmp_path / "epoch_3.pt")
-    m = clipforge.load(str(tmp_path / "epoch_3.pt"))
+    m = clipforge.load(str(tmp_path / "epoch_3.pt"), config=_config_of("tiny-vit", quick_gelu=True))
     with torch.no_grad():
         _assert_close(m.encode_text(tokens), want, "openclip training checkpoint")
     # safetensors
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "w.safetensors"))
-    m = clipforge.load(str(tmp_path / "w.safetensors"))
+    m = clipforge.load(str(tmp_path / "w.safetensors"), config=_config_of("tiny-vit", quick_gelu=True))
     with torch.no_grad():
         _assert_close(m.encode_image(images), ref.encode_image(images), "safetensors")
 
@@ -445,3 +459,61 @@ def test_a_plain_state_dict_is_no_other_family():
     from clipforge.model.weights import _family
 
     assert _family(_meta_state_dict("ViT-B-32")) is None and _family(_plain_keys()) is None
+
+
+# ---------------------------------------------------------------------------- no guess that can be wrong
+def test_names_have_openclips_meanings():
+    assert clipforge.get_preset("ViT-B-32").quick_gelu is False  # OpenCLIP: GELU (LAION / DataComp weights)
+    assert clipforge.get_preset("RN50").quick_gelu is False
+    assert clipforge.get_preset("ViT-B-32-quickgelu").quick_gelu is True
+    assert clipforge.get_preset("ViT-B/32").quick_gelu is True  # OpenAI's spelling: OpenAI's model
+    assert clipforge.get_preset("ViT-L/14@336px").vision.image_size == 336
+    assert "ViT-bigG-14" in clipforge.list_models() and "ViT-B/32" not in clipforge.list_models()
+
+
+@pytest.mark.parametrize("head_width", [32, 64, 80])
+@pytest.mark.parametrize("quick_gelu", [False, True])
+def test_a_plain_state_dict_without_a_name_is_refused(head_width, quick_gelu, tmp_path):
+    """Neither the activation nor the heads are in the tensors: without a name or a config the file is
+    refused (whatever the truth), and with the right config it loads exactly."""
+    cfg = clipforge.CLIPConfig(embed_dim=32, quick_gelu=quick_gelu,
+                               vision=clipforge.VisionConfig(image_size=32, layers=1, width=160, patch_size=16,
+                                                             heads=160 // head_width),
+                               text=clipforge.TextConfig(width=160, heads=160 // head_width, layers=1))
+    model = clipforge.CLIP(cfg).eval()
+    torch.save(model.state_dict(), tmp_path / "plain.pt")
+    for kwargs in ({}, {"quick_gelu": quick_gelu}):
+        with pytest.raises(CheckpointError, match=r"plain.pt is a plain state dict, which does not say its "
+                                                  r"activation .* nor its attention heads.*pass config="):
+            clipforge.load(str(tmp_path / "plain.pt"), **kwargs)
+    loaded = clipforge.load(str(tmp_path / "plain.pt"), config=cfg)
+    images, tokens = _inputs(32)
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_image(images), model.encode_image(images))
+        assert torch.equal(loaded.encode_text(tokens), model.encode_text(tokens))
+
+
+def test_a_plain_released_layout_is_refused_with_its_names():
+    sd = {k: torch.zeros(v.shape) for k, v in open_clip.create_model("ViT-B-32", device="meta").state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"those of 'ViT-B-32' \(GELU\) or 'ViT-B-32-quickgelu' \(QuickGELU\)"):
+        clipforge.load(sd)
+
+
+def test_tiny_vit_state_dict_loads_bit_exact_with_its_name_only(tmp_path):
+    model = clipforge.create_model("tiny-vit").eval()
+    _randomize(model, seed=3)
+    torch.save(model.state_dict(), tmp_path / "tiny.pt")
+    with pytest.raises(CheckpointError, match="'tiny-vit' \\(GELU\\) or 'tiny-vit-quickgelu'"):
+        clipforge.load(str(tmp_path / "tiny.pt"))
+    loaded = clipforge.load(str(tmp_path / "tiny.pt"), model_name="tiny-vit")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    images, tokens = _inputs(32)
+    with torch.no_grad():
+        assert torch.equal(loaded(images, tokens)[0], model(images, tokens)[0])
+
+
+def test_shapes_that_contradict_the_name_are_refused_naming_the_tensor():
+    sd = clipforge.create_model("tiny-vit").state_dict()
+    sd["text_projection"] = torch.zeros(64, 48)
+    with pytest.raises(CheckpointError, match=r"text_projection \(checkpoint \(64, 48\), model \(64, 64\)\)"):
+        clipforge.load(sd, model_name="tiny-vit")

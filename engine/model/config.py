@@ -116,10 +116,13 @@ class CLIPConfig:
 
 
 def _vit(embed, res, layers, width, patch, t_width, t_heads, t_layers=12):
+    """OpenAI's ViT layouts (head width 64), named as OpenCLIP names them: GELU; NAME-quickgelu is the
+    QuickGELU twin that OpenAI's own weights use."""
     return CLIPConfig(
         embed_dim=embed,
-        vision=VisionConfig(image_size=res, layers=layers, width=width, patch_size=patch),
+        vision=VisionConfig(image_size=res, layers=layers, width=width, patch_size=patch, heads=width // 64),
         text=TextConfig(width=t_width, heads=t_heads, layers=t_layers),
+        quick_gelu=False,
     )
 
 
@@ -136,10 +139,12 @@ def _openclip_vit(embed, res, layers, width, patch, t_width, t_heads, t_layers=1
 
 
 def _rn(embed, res, layers, width, t_width, t_heads):
+    """OpenAI's modified ResNets, named as OpenCLIP names them: GELU; NAME-quickgelu for OpenAI's weights."""
     return CLIPConfig(
         embed_dim=embed,
         vision=VisionConfig(image_size=res, layers=tuple(layers), width=width, patch_size=None),
         text=TextConfig(width=t_width, heads=t_heads, layers=12),
+        quick_gelu=False,
     )
 
 
@@ -184,11 +189,16 @@ PRESETS: dict[str, CLIPConfig] = {
         text=TextConfig(width=256, heads=4, layers=4),
     ),
 }
-_ALIASES = {"ViT-B/32": "ViT-B-32", "ViT-B/16": "ViT-B-16", "ViT-L/14": "ViT-L-14", "ViT-L/14@336px": "ViT-L-14-336"}
+# OpenAI's spellings name OpenAI's models, which are QuickGELU
+_ALIASES = {"ViT-B/32": "ViT-B-32-quickgelu", "ViT-B/16": "ViT-B-16-quickgelu", "ViT-L/14": "ViT-L-14-quickgelu",
+            "ViT-L/14@336px": "ViT-L-14-336-quickgelu"}
 
 
 def get_preset(name: str) -> CLIPConfig:
-    """The config of a preset (a fresh copy). `NAME-quickgelu` / OpenAI's `ViT-B/32` spellings are understood."""
+    """The config of a preset (a fresh copy), with OpenCLIP's names and meanings: `ViT-B-32`, `RN50`, ...
+    are GELU (the activation of every LAION / DataComp release), `NAME-quickgelu` is QuickGELU (OpenAI's
+    released weights); OpenAI's own spellings (`ViT-B/32`, `ViT-L/14@336px`) are their QuickGELU models.
+    clipforge's test presets (tiny-vit, tiny-rn, small-vit) keep their own activation."""
     base = _ALIASES.get(name, name)
     quick = None
     if base.endswith("-quickgelu"):

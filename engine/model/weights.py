@@ -154,6 +154,13 @@ def _check_zip(path: str, zf: zipfile.ZipFile) -> None:
 # ----------------------------------------------------------------------------- files
 def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:
     """Read tensors from a checkpoint file without executing code -> (state_dict, clipforge config or None)."""
+    sd, cfg, _ = _read(path)
+    return sd, cfg
+
+
+def _read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None, str]:
+    """(state dict, stored clipforge config or None, kind): kind "openai-archive" for OpenAI's TorchScript
+    files, "safetensors" or "torch" otherwise."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -167,12 +174,12 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
                 meta = f.metadata() or {}
                 sd = {k: f.get_tensor(k) for k in f.keys()}
             cfg = json.loads(meta["clipforge_config"]) if "clipforge_config" in meta else None
-            return sd, cfg
+            return sd, cfg, "safetensors"
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as zf:
                 _check_zip(path, zf)
                 if _is_torchscript(zf):
-                    return _read_torchscript(path, zf), None
+                    return _read_torchscript(path, zf), None, "openai-archive"
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (CheckpointError, FileNotFoundError):
         raise
@@ -181,7 +188,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
             f"{path} could not be read as a CLIP checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
             "expected an OpenAI .pt archive, an OpenCLIP state dict, or a .safetensors file"
         ) from None
-    return _unwrap(obj, path)
+    return (*_unwrap(obj, path), "torch")
 
 
 def _unwrap(obj: Any, where: str) -> tuple[dict[str, torch.Tensor], dict | None]:
@@ -285,6 +292,33 @@ def infer_config(sd: Mapping[str, torch.Tensor], quick_gelu: bool = True) -> CLI
     return CLIPConfig(embed_dim=embed_dim, vision=vision, text=text, quick_gelu=quick_gelu)
 
 
+def _shape_key(cfg: CLIPConfig) -> dict:
+    """What tensor shapes fix of a config: everything but the activation and the attention heads."""
+    d = cfg.to_dict()
+    d.pop("quick_gelu", None)
+    for tower in ("vision", "text"):
+        d[tower].pop("heads", None)
+        d[tower].pop("mlp_ratio", None)
+    return d
+
+
+def _ambiguous(sd: Mapping[str, torch.Tensor], where: str) -> str:
+    """The refusal of a plain state dict without a name, naming the presets its shapes match."""
+    from .config import PRESETS
+
+    inferred = _shape_key(infer_config(sd))
+    matches = [n for n in sorted(PRESETS) if _shape_key(PRESETS[n]) == inferred]
+    if matches:
+        names = ", ".join(f"{n!r} (GELU) or '{n}-quickgelu' (QuickGELU)" for n in matches)
+        how = f"its shapes are those of {names}: pass model_name= (--model-name on the CLI)"
+    else:
+        how = ("no preset has its shapes: pass config= (a CLIPConfig with the activation and both towers' "
+               "heads)")
+    return (f"{where} is a plain state dict, which does not say its activation (QuickGELU in OpenAI's weights, "
+            f"GELU in OpenCLIP's LAION / DataComp ones) nor its attention heads; clipforge does not guess them: "
+            f"{how}")
+
+
 # Non-tensor-state entries of OpenAI's archives that are not model weights.
 _IGNORED_KEYS = {"input_resolution", "context_length", "vocab_size", "attn_mask"}
 
@@ -329,16 +363,20 @@ def load(
     """Build a CLIP model from released weights or a clipforge checkpoint; returns it in eval mode.
 
     path_or_state_dict: a file path or a state dict. The architecture comes from, in order: `config`,
-    `model_name` (a preset, e.g. "ViT-B-32" or "ViT-B-32-quickgelu"), the config stored in a clipforge
-    checkpoint, or the tensor shapes. `quick_gelu` overrides the activation (default QuickGELU when
-    inferring, as in OpenAI's released weights). Weights holding NaN or infinity are refused (a model
+    `model_name` (a preset, with OpenCLIP's names and meanings: "ViT-B-32" is GELU, "ViT-B-32-quickgelu"
+    QuickGELU; see `list_models()`), the config stored in a clipforge file (safetensors, `clipforge.save`,
+    training checkpoints), or, for OpenAI's own .pt archives only, the tensor shapes (QuickGELU and a head
+    width of 64 by definition). Nothing is guessed: a plain state dict without a name does not say its
+    activation or its heads, and is refused with one sentence naming the presets its shapes match; shapes
+    that contradict the named config are refused naming the tensor and both shapes. `quick_gelu`
+    overrides the activation of the resolved config. Weights holding NaN or infinity are refused (a model
     that would embed everything as NaN) unless `allow_nonfinite=True`, to inspect such a file.
     """
     if isinstance(path_or_state_dict, Mapping):
         sd, stored_cfg = _unwrap(path_or_state_dict, "the state dict")
-        where = "the state dict"
+        where, kind = "the state dict", "state dict"
     else:
-        sd, stored_cfg = read_state_dict(path_or_state_dict)
+        sd, stored_cfg, kind = _read(path_or_state_dict)
         where = os.fspath(path_or_state_dict)
     refuse_other_families(sd, where)
     if not allow_nonfinite:
@@ -349,8 +387,10 @@ def load(
         cfg = get_preset(model_name)
     elif stored_cfg is not None:
         cfg = CLIPConfig.from_dict(stored_cfg)
+    elif kind == "openai-archive":
+        cfg = infer_config(sd, quick_gelu=True)
     else:
-        cfg = infer_config(sd, quick_gelu=True if quick_gelu is None else quick_gelu)
+        raise CheckpointError(_ambiguous(sd, where))
     if quick_gelu is not None:
         cfg.quick_gelu = quick_gelu
     _check_layers(cfg, sd, where)  # before any module is built: a config can declare millions of layers

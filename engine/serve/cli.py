@@ -34,7 +34,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="CKPT",
                    help="checkpoint: a clipforge .safetensors, an OpenAI .pt archive or an OpenCLIP state dict")
     p.add_argument("--model-name", default=None, metavar="PRESET",
-                   help="architecture preset (e.g. ViT-B-32, ViT-B-32-quickgelu) when it cannot be inferred from the weights")
+                   help="architecture, with OpenCLIP's names: ViT-B-32 is GELU (LAION / DataComp weights), "
+                        "ViT-B-32-quickgelu QuickGELU (OpenAI's weights saved as a state dict); needed for a plain "
+                        "state dict, which does not say its activation or heads (clipforge files and OpenAI's .pt "
+                        "archives need none)")
     p.add_argument("--batch-size", type=int, default=64, help="images (or texts) per forward pass (default 64)")
     p.add_argument("--device", default=None,
                    help="torch device, e.g. cpu or cuda:1 (default: CUDA when available, else CPU)")
