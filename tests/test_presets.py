@@ -16,6 +16,7 @@ import torch
 import clipforge
 from clipforge.model import get_preset, list_models, num_parameters
 from clipforge.model.clip import CLIP
+from test_model import _assert_close, _inputs  # the parity helpers of the OpenAI presets' tests
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -65,24 +66,6 @@ def _randomize(model: torch.nn.Module, seed: int = 0) -> None:
             else:
                 fan_in = t[0].numel() if t.dim() > 2 else t.shape[-1]
                 t.normal_(0.0, fan_in**-0.5, generator=g)
-
-
-def _inputs(resolution: int, n: int = 2, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randn(n, 3, resolution, resolution, generator=g)
-    tokens = torch.zeros(n, 77, dtype=torch.long)
-    for i in range(n):
-        length = 5 + 29 * i
-        tokens[i, 0] = 49406
-        tokens[i, 1:length] = torch.randint(1, 49406, (length - 1,), generator=g)
-        tokens[i, length] = 49407
-    return images, tokens
-
-
-def _assert_close(ours: torch.Tensor, ref: torch.Tensor, what: str) -> None:
-    scale = ref.abs().max().item()
-    err = (ours - ref).abs().max().item()
-    assert err <= 1e-5 * scale, f"{what}: max abs diff {err:.3g} > 1e-5 x output scale {scale:.3g}"
 
 
 def _check_parity(name: str, depth: int | None) -> None:
