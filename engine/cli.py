@@ -51,6 +51,12 @@ def _takes_name(fn) -> bool:
     return len(inspect.signature(fn).parameters) >= 2
 
 
+def run_command(name: str, argv=None) -> int:
+    """`clipforge NAME ARGV...`: what each sub-command module's own main(argv) runs, so
+    `python -m clipforge.train` and `clipforge train` parse and run alike."""
+    return main([name, *(sys.argv[1:] if argv is None else argv)])
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(_chosen(argv))

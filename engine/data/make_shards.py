@@ -287,9 +287,9 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="clipforge make-shards", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    from ..cli import run_command
+
+    return run_command("make-shards", argv)
 
 
 if __name__ == "__main__":
