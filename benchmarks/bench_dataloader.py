@@ -6,9 +6,9 @@
 What one round measures: a whole training epoch through `clipforge.data.build_train_loader` (pipeline
 or worker start-up included), batch 64, random resized crop to 224 (bicubic, area 0.9-1.0), CLIP
 normalisation to float32 (B, 3, 224, 224), captions tokenized by `clipforge.tokenize`. Providers:
-- `dali`: backend "dali" as configured by default: `num_threads` DALI CPU threads, captions tokenized
+- `dali`: loader "dali" as configured by default: `num_workers` DALI CPU threads, captions tokenized
   by one background thread (`token_workers: 0`), batches handed out without a copy;
-- `pytorch`: backend "pytorch", `num_threads` DataLoader worker processes (decode + crop + normalise +
+- `pytorch`: loader "pytorch", `num_workers` DataLoader worker processes (decode + crop + normalise +
   tokenize each batch);
 - `dali-pipeline`: the same DALI graph run bare, built once (no tokens, no per-epoch index or
   pipeline): the ceiling of `dali`;

@@ -212,8 +212,7 @@ class _Loader:
 
     def __init__(self, cfg: DataConfig, rank: int, world_size: int, epoch: int, start_position: int,
                  image_size: int, tokenizer, *, train: bool, with_keys: bool = False, catalog: Catalog | None = None):
-        cfg.check()
-        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size  # cfg checked by _backend
         self.batch_size = cfg.loader_batch_size
         self.epoch, self.position = int(epoch), int(start_position)
         self.image_size, self.train, self.with_keys = int(image_size), train, with_keys
@@ -333,7 +332,7 @@ class _Loader:
 
 
 class PyTorchLoader(_Loader):
-    """DataLoader + Pillow: `num_threads` worker processes each decode, crop, normalise and tokenize whole batches."""
+    """DataLoader + Pillow: `num_workers` worker processes each decode, crop, normalise and tokenize whole batches."""
 
     backend = "pytorch"
 
@@ -355,19 +354,17 @@ def _device(cfg: DataConfig) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-_BACKENDS = ("dali", "pytorch", "synthetic")
-
-
-def _backend(name: str):
-    # the DALI and synthetic loaders subclass _Loader: imported here, when chosen
+def _backend(cfg: DataConfig):
+    """The loader class of a checked config (DataConfig.check refuses an unknown data.loader). The DALI and
+    synthetic loaders subclass _Loader: imported here, when chosen."""
+    cfg.check()
+    name = cfg.loader
     if name == "auto":
         try:
             import nvidia.dali  # noqa: F401
         except ImportError:
             return PyTorchLoader
         name = "dali"
-    if name not in _BACKENDS:
-        raise DataError(f"data.loader = {name!r} is not one of auto, dali, pytorch, synthetic")
     if name == "dali":
         from .dali import DaliLoader
 
@@ -383,7 +380,7 @@ def build_train_loader(cfg, rank: int = 0, world_size: int = 1, epoch: int = 0, 
                        image_size: int = 224, tokenizer=None, *, with_keys: bool = False, catalog: Catalog | None = None):
     """Training batches for this rank: (images float32 (B, 3, S, S), tokens int64 (B, 77)), see the module doc."""
     cfg = DataConfig.from_dict(cfg)
-    return _backend(cfg.loader)(cfg, rank, world_size, epoch, start_position, image_size, tokenizer, train=True,
+    return _backend(cfg)(cfg, rank, world_size, epoch, start_position, image_size, tokenizer, train=True,
                                  with_keys=with_keys, catalog=catalog)
 
 
@@ -391,7 +388,7 @@ def build_eval_loader(cfg, rank: int = 0, world_size: int = 1, image_size: int =
                       with_keys: bool = False, catalog: Catalog | None = None):
     """Evaluation batches: shorter-side bicubic resize + centre crop, file order, each sample once across ranks."""
     cfg = DataConfig.from_dict(cfg)
-    return _backend(cfg.loader)(cfg, rank, world_size, 0, 0, image_size, tokenizer, train=False,
+    return _backend(cfg)(cfg, rank, world_size, 0, 0, image_size, tokenizer, train=False,
                                  with_keys=with_keys, catalog=catalog)
 
 
