@@ -517,3 +517,12 @@ def test_shapes_that_contradict_the_name_are_refused_naming_the_tensor():
     sd["text_projection"] = torch.zeros(64, 48)
     with pytest.raises(CheckpointError, match=r"text_projection \(checkpoint \(64, 48\), model \(64, 64\)\)"):
         clipforge.load(sd, model_name="tiny-vit")
+
+
+def test_the_name_suggestion_compares_the_mlp_width_the_shapes_fix():
+    # tiny-vit's layout with a narrower MLP is no tiny-vit: no preset is suggested for it
+    cfg = clipforge.get_preset("tiny-vit").replace(vision={"mlp_ratio": 2.0})
+    with pytest.raises(CheckpointError, match="no preset has its shapes: pass config="):
+        clipforge.load(clipforge.CLIP(cfg).state_dict())
+    with pytest.raises(CheckpointError, match="those of 'tiny-vit'"):
+        clipforge.load(clipforge.create_model("tiny-vit").state_dict())

@@ -257,6 +257,15 @@ def _count(sd: Mapping[str, Any], pattern: str) -> int:
     return len({m.group(1) for k in sd if (m := rx.match(k))})
 
 
+def _mlp_ratio(sd: Mapping[str, torch.Tensor], key: str, width: int) -> float:
+    """The MLP ratio the shapes fix (hidden width / width; 4 when the tower has no blocks)."""
+    return sd[key].shape[0] / width if key in sd else 4.0
+
+
+def _mlp_width(width: int, ratio: float) -> int:
+    return round(width * ratio)  # int(width * ratio) in the model; round() here, so inferred ratios compare equal
+
+
 def infer_config(sd: Mapping[str, torch.Tensor], quick_gelu: bool = True) -> CLIPConfig:
     """The architecture of a released-format state dict, from its tensor shapes (heads = width / 64)."""
     try:
@@ -268,6 +277,7 @@ def infer_config(sd: Mapping[str, torch.Tensor], quick_gelu: bool = True) -> CLI
             width=t_width,
             heads=max(1, t_width // 64),
             layers=_count(sd, r"transformer\.resblocks\.(\d+)\."),
+            mlp_ratio=_mlp_ratio(sd, "transformer.resblocks.0.mlp.c_fc.weight", t_width),
         )
         if "visual.proj" in sd:
             width = sd["visual.conv1.weight"].shape[0]
@@ -279,6 +289,7 @@ def infer_config(sd: Mapping[str, torch.Tensor], quick_gelu: bool = True) -> CLI
                 width=width,
                 patch_size=patch,
                 heads=max(1, width // 64),
+                mlp_ratio=_mlp_ratio(sd, "visual.transformer.resblocks.0.mlp.c_fc.weight", width),
             )
         else:
             layers = tuple(_count(sd, rf"visual\.layer{b}\.(\d+)\.") for b in (1, 2, 3, 4))
@@ -293,12 +304,13 @@ def infer_config(sd: Mapping[str, torch.Tensor], quick_gelu: bool = True) -> CLI
 
 
 def _shape_key(cfg: CLIPConfig) -> dict:
-    """What tensor shapes fix of a config: everything but the activation and the attention heads."""
+    """What tensor shapes fix of a config: everything but the activation and the attention heads (the MLP
+    ratio as the hidden width it gives)."""
     d = cfg.to_dict()
     d.pop("quick_gelu", None)
     for tower in ("vision", "text"):
         d[tower].pop("heads", None)
-        d[tower].pop("mlp_ratio", None)
+        d[tower]["mlp_ratio"] = _mlp_width(d[tower]["width"], d[tower]["mlp_ratio"])
     return d
 
 
