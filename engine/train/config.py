@@ -16,11 +16,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import ConfigError, dataclass_from_dict
+from ..config import ConfigError, apply_override, dataclass_from_dict
 from ..config import load_yaml as _load_yaml
 from ..data.config import DataConfig, DataError
 from ..ops import CONTRASTIVE_BACKENDS
-from ..config import apply_override
 
 
 # betas / eps of the paper per model family (docs/DESIGN.md): ViTs use a lower beta2 and a larger eps.
@@ -29,7 +28,7 @@ ADAM_DEFAULTS = {"vit": ((0.9, 0.98), 1e-6), "resnet": ((0.9, 0.999), 1e-8)}
 
 @dataclass
 class ModelSection:
-    name: str = "tiny-vit"  # a preset of clipforge.config.PRESETS
+    name: str = "tiny-vit"  # a preset (clipforge.list_models())
     # top-level or nested CLIPConfig fields passed to create_model (e.g. {quick_gelu: false})
     overrides: dict[str, Any] = field(default_factory=dict)
     grad_checkpointing: bool = False
