@@ -361,7 +361,7 @@ class CLIP(_EmbeddingMethods, nn.Module):
 
 
 def create_model(name: str, **overrides) -> CLIP:
-    """Build a CLIP model from a preset name (see `clipforge.config.PRESETS`) with optional overrides.
+    """Build a CLIP model from a preset name (see `clipforge.list_models()`) with optional overrides.
 
     Overrides are top-level config fields (e.g. ``quick_gelu=False``, ``attention_backend="sdpa"``,
     ``grad_checkpointing=True``) or nested ones as dicts (``vision={"image_size": 64}``).
