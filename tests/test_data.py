@@ -533,6 +533,30 @@ def test_dali_and_pillow_decode_alike(tmp_path):
         assert mad < 2.0, f"{k} {sizes[int(k[1:])]}: mean |DALI - Pillow| = {mad:.3f}/255"
 
 
+def test_interpolation_and_statistics_reach_both_loaders(tmp_path):
+    """data.mean / data.std normalise, data.interpolation resizes, in DALI's pipeline and Pillow's alike."""
+    rng = np.random.default_rng(2)
+    folder = tmp_path / "s"
+    folder.mkdir()
+    write_tar(str(folder / "a.tar"), [(f"k{i}", {"jpg": encode(_natural(rng, 97 + 13 * i, 61), quality=90),
+                                                 "txt": caption_of(i)}) for i in range(4)])
+    mean, std = (0.5, 0.25, 0.75), (0.2, 0.3, 0.4)
+
+    def levels(backend, **kw):
+        cfg = DataConfig(path=str(folder), batch_size=4, loader=backend, num_workers=1, cache_dir=str(tmp_path / "c"),
+                         **kw)
+        (images, _), = list(build_eval_loader(cfg, 0, 1, 40, id_tokenizer))
+        m, s = torch.tensor(kw.get("mean", CLIP_MEAN)).view(1, 3, 1, 1), torch.tensor(kw.get("std", CLIP_STD)).view(1, 3, 1, 1)
+        return (images * s + m) * 255
+
+    for backend in BACKENDS:
+        default = levels(backend)
+        torch.testing.assert_close(levels(backend, mean=mean, std=std), default, atol=1e-3, rtol=0)
+        bilinear = levels(backend, interpolation="bilinear")
+        assert (bilinear - default).abs().mean() > 0.05, backend  # the resize filter changed
+        assert (bilinear - levels("pytorch" if backend == "dali" else "dali", interpolation="bilinear")).abs().mean() < 2.0
+
+
 @pytest.mark.cuda
 def test_dali_gpu_decode_matches_pillow(tmp_path):
     """device="mixed" (nvJPEG) against Pillow on the CPU, same eval geometry: < 2/255 on average."""

@@ -62,11 +62,12 @@ def test_model_and_data_import_nothing_from_train_or_serve():
     assert not bad, bad
 
 
-def test_model_uses_no_data_and_data_only_the_tokenizer_of_model():
+def test_model_uses_no_data_and_data_only_the_input_contract_of_model():
+    """data/ takes from model/ only what a model's input is: its tokenizer and its image transforms."""
     edges = list(_edges())
     assert not [(m, t) for m, t, _ in edges if _in(m, "clipforge.model") and _in(t, "clipforge.data")]
     assert not [(m, t) for m, t, _ in edges if _in(m, "clipforge.data") and _in(t, "clipforge.model")
-                and t != "clipforge.model.tokenizer"]
+                and t not in ("clipforge.model.tokenizer", "clipforge.model.transforms")]
 
 
 def test_nothing_imports_train_but_the_cli_and_the_demo():
@@ -115,11 +116,13 @@ def test_the_public_names_keep_working():
     import clipforge
 
     for name in ("create_model", "load", "save", "tokenize", "contrastive_loss", "ContrastiveLoss", "CLIP",
-                 "CLIPConfig", "VisionConfig", "TextConfig", "get_preset", "__version__"):
+                 "CLIPConfig", "VisionConfig", "TextConfig", "get_preset", "__version__", "list_models",
+                 "create_model_and_transforms", "get_tokenizer", "image_transform"):
         assert hasattr(clipforge, name), name
     assert callable(importlib.import_module("clipforge.kernels").attention)
     assert callable(importlib.import_module("clipforge.kernels.attention").attention)
-    for module, names in {"clipforge.data": ("DataConfig", "DataError", "build_train_loader", "build_eval_loader"),
+    for module, names in {"clipforge.data": ("DataConfig", "DataError", "build_train_loader", "build_eval_loader",
+                                             "CLIP_MEAN", "CLIP_STD", "normalize_uint8", "pil_transform"),
                           "clipforge.model": ("CLIP", "create_model", "num_parameters"),
                           "clipforge.train": ("main", "train"),
                           "clipforge.loss": ("contrastive_loss", "contrastive_loss_and_grads"),

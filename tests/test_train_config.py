@@ -257,7 +257,8 @@ def test_every_data_field_reaches_the_loader(tmp_path):
               "loader": "synthetic", "num_workers": 3, "token_workers": 1, "cache_dir": str(tmp_path / "cache"),
               "seed": 7, "shuffle": False, "batch_size": 4, "drop_last": True, "random_area": [0.5, 0.8],
               "random_aspect_ratio": [0.5, 2.0], "max_pixels": 123456, "prefetch": 3, "device": "cpu",
-              "num_samples": 40, "num_classes": 5, "context_length": 9}
+              "num_samples": 40, "num_classes": 5, "context_length": 9, "interpolation": "bilinear",
+              "mean": [0.5, 0.25, 0.75], "std": [0.2, 0.3, 0.4]}
     assert set(values) == {f.name for f in dataclasses.fields(DataConfig)}, "a DataConfig field is not covered"
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump({"data": values, "batch": {"global_size": 8, "micro_size": 2}}))

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..model.transforms import CLIP_MEAN, CLIP_STD, INTERPOLATIONS
+
 
 # Pillow's own decompression-bomb threshold (~89.5 MP): larger images are skipped as "too_large",
 # unless --max-side lets make-shards decode a JPEG at a reduced DCT scale first.
@@ -43,6 +45,9 @@ class DataConfig:
     drop_last: bool | None = None
     random_area: tuple[float, float] = (0.9, 1.0)  # OpenCLIP's RandomResizedCrop scale
     random_aspect_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    interpolation: str = "bicubic"  # bicubic | bilinear: the resize of the crop (training and evaluation)
+    mean: tuple[float, float, float] = CLIP_MEAN  # normalisation of the pixels in [0, 1]: (x - mean) / std
+    std: tuple[float, float, float] = CLIP_STD
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are skipped (decompression bombs)
     prefetch: int = 2  # batches prepared ahead
     device: str | None = None  # where DALI decodes / the PyTorch path pins: None = cuda if available
@@ -80,6 +85,14 @@ class DataConfig:
             lo, hi = getattr(self, key)
             if not 0 < lo <= hi:
                 raise DataError(f"config key 'data.{key}' must be two numbers 0 < low <= high, got {getattr(self, key)}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise DataError(f"config key 'data.interpolation' must be one of {', '.join(INTERPOLATIONS)}, "
+                            f"got {self.interpolation!r}")
+        for key in ("mean", "std"):
+            value = getattr(self, key)
+            if len(value) != 3 or (key == "std" and min(value) <= 0):
+                raise DataError(f"config key 'data.{key}' must be three numbers (R, G, B){' above 0' if key == 'std' else ''}, "
+                                f"got {value}")
         if self.random_area[1] > 1:
             raise DataError(f"config key 'data.random_area' is a fraction of the image area (<= 1), got {self.random_area}")
 

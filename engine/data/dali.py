@@ -12,7 +12,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from .images import CLIP_MEAN, CLIP_STD
 from .loaders import _CaptionBatches, _Loader, _device, _tokenize
 from .order import _EpochPlan
 
@@ -96,16 +95,17 @@ class DaliLoader(_Loader):
             jpegs = fn.readers.webdataset(paths=paths, index_paths=indexes, ext=["jpg"], random_shuffle=False,
                                           missing_component_behavior="error", name="reader")
             images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
+            interp = types.INTERP_CUBIC if self.cfg.interpolation == "bicubic" else types.INTERP_LINEAR
             if self.train:
                 images = fn.random_resized_crop(images, size=(S, S), random_area=list(self.cfg.random_area),
                                                 random_aspect_ratio=list(self.cfg.random_aspect_ratio),
-                                                interp_type=types.INTERP_CUBIC, antialias=True)
+                                                interp_type=interp, antialias=True)
                 crop = None
             else:
-                images = fn.resize(images, resize_shorter=S, interp_type=types.INTERP_CUBIC, antialias=True)
+                images = fn.resize(images, resize_shorter=S, interp_type=interp, antialias=True)
                 crop = (S, S)
             images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", crop=crop,
-                                              mean=[255 * m for m in CLIP_MEAN], std=[255 * s for s in CLIP_STD])
+                                              mean=[255 * m for m in self.cfg.mean], std=[255 * s for s in self.cfg.std])
             pipe.set_outputs(images)
         pipe.build()
         return pipe

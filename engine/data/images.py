@@ -1,18 +1,26 @@
-"""Image decoding and geometry shared by training, evaluation and the embedding API: bytes -> RGB
-(EXIF orientation applied, pixel limit checked from the header), random resized crop (training),
-shorter-side resize + centre crop (evaluation, DALI's geometry), CLIP's mean/std."""
+"""Image decoding and the loaders' geometry: bytes -> Pillow image (EXIF orientation applied, pixel limit
+checked from the header), RGB conversion, random resized crop (training) and DALI's shorter-side resize
++ centre crop (the loaders' evaluation). The crop sampling, CLIP's mean/std and the OpenCLIP-equal
+per-image transform (what the embedding API and `clipforge eval` use) live in clipforge.model.transforms,
+the model's input contract; they are re-exported here."""
 from __future__ import annotations
 
 import os
 import warnings
 from typing import Any, Sequence
 
-import numpy as np
-import torch
 import io
 import math
 
+import numpy as np
+import torch
+
+from ..model.transforms import (CLIP_MEAN, CLIP_STD, ImageTransform, eight_bit, normalize_uint8,
+                                random_resized_crop_box, resample_filter)
 from .config import DEFAULT_MAX_PIXELS
+
+__all__ = ["ImageReadError", "load_image", "preprocess", "pil_to_rgb", "pil_decode", "pil_transform", "CLIP_MEAN",
+           "CLIP_STD", "normalize_uint8", "random_resized_crop_box"]
 
 
 class ImageReadError(ValueError):
@@ -38,13 +46,13 @@ def _decode_error(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def load_image(item: Any, index: int | None = None):
-    """A path, encoded bytes, Pillow image or numpy array -> 8-bit RGB Pillow image (EXIF orientation applied)."""
+def load_image(item: Any, index: int | None = None, rgb: bool = True):
+    """A path, encoded bytes, Pillow image or numpy array -> Pillow image (EXIF orientation applied to
+    files and bytes): 8-bit RGB (alpha composited over white), or with `rgb=False` in its own mode (what
+    the OpenCLIP-equal transform takes: it resizes before converting)."""
     from PIL import Image
 
-    pass  # (import removed by move)
-    pass  # (import removed by move)
-
+    to_rgb = pil_to_rgb if rgb else (lambda im: im)
     if isinstance(item, (str, os.PathLike)):
         from .validate import UnreadableFile, read_file
 
@@ -56,16 +64,16 @@ def load_image(item: Any, index: int | None = None):
         except OSError as exc:
             raise ImageReadError(f"cannot read {_describe(item, index)}: {exc.strerror or exc}") from None
         try:
-            return pil_decode(data)
+            return pil_decode(data, rgb=rgb)
         except Exception as exc:
             raise ImageReadError(f"cannot decode {_describe(item, index)}: {_decode_error(exc)}") from None
     if isinstance(item, (bytes, bytearray, memoryview)):
         try:
-            return pil_decode(bytes(item))
+            return pil_decode(bytes(item), rgb=rgb)
         except Exception as exc:
             raise ImageReadError(f"cannot decode {_describe(item, index)} ({len(item)} bytes): {_decode_error(exc)}") from None
     if isinstance(item, Image.Image):
-        return pil_to_rgb(item)
+        return to_rgb(item)
     if isinstance(item, np.ndarray):
         arr = item
         if arr.ndim == 3 and arr.shape[2] == 1:
@@ -82,17 +90,16 @@ def load_image(item: Any, index: int | None = None):
                                      f"(got [{np.nanmin(arr):.3g}, {np.nanmax(arr):.3g}]); pass uint8 for 0-255 data")
             arr = np.rint(arr * 255.0).astype(np.uint8)
         mode = "L" if arr.ndim == 2 else ("RGB" if arr.shape[2] == 3 else "RGBA")
-        return pil_to_rgb(Image.fromarray(np.ascontiguousarray(arr), mode))
+        return to_rgb(Image.fromarray(np.ascontiguousarray(arr), mode))
     raise ImageReadError(f"{_describe(item, index)}: unsupported image type {type(item).__name__}; pass a path, "
                          "bytes, a PIL image, a numpy array or a preprocessed tensor")
 
 
 def preprocess(images: Sequence[Any], size: int) -> torch.Tensor:
-    """Images (paths, bytes, PIL, numpy) -> float32 (N, 3, size, size): bicubic shorter-side resize to
-    `size`, centre crop, RGB, CLIP mean/std. Raises ImageReadError naming the first unreadable one."""
-    pass  # (import removed by move)
-
-    pixels = [pil_transform(load_image(im, i), size, train=False) for i, im in enumerate(images)]
+    """Images (paths, bytes, PIL, numpy) -> float32 (N, 3, size, size) through the OpenCLIP-equal eval
+    transform (clipforge.model.transforms). Raises ImageReadError naming the first unreadable one."""
+    transform = ImageTransform(size)
+    pixels = [transform.pixels(load_image(im, i, rgb=False)) for i, im in enumerate(images)]
     if not pixels:
         return torch.empty(0, 3, size, size)
     return normalize_uint8(torch.from_numpy(np.stack(pixels)))  # (N, S, S, 3) uint8 -> (N, 3, S, S)
@@ -102,19 +109,10 @@ def pil_to_rgb(im):
     """Any Pillow image -> 8-bit RGB: alpha composited over white, 16/32-bit scaled (not clipped)."""
     from PIL import Image
 
-    mode = im.mode
-    if mode == "RGB":
+    if im.mode == "RGB":
         return im
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        arr = np.asarray(im)
-        # 16-bit range to 8 bits (Pillow's own convert("L") clips at 255 instead).
-        arr = (np.clip(arr, 0, 65535).astype(np.uint32) >> 8).astype(np.uint8)
-        return Image.fromarray(arr, "L").convert("RGB")
-    if mode == "F":
-        arr = np.asarray(im)
-        hi = float(arr.max()) if arr.size else 1.0
-        scale = 255.0 if hi <= 1.0 else (255.0 / 65535.0 if hi > 255.0 else 1.0)
-        return Image.fromarray(np.clip(arr * scale, 0, 255).astype(np.uint8), "L").convert("RGB")
+    im = eight_bit(im)  # 16-bit range to 8 bits (Pillow's own convert("L") clips at 255 instead)
+    mode = im.mode
     if mode == "P" and "transparency" in im.info:
         im, mode = im.convert("RGBA"), "RGBA"
     if mode in ("RGBA", "LA", "PA", "La", "RGBa"):
@@ -124,42 +122,13 @@ def pil_to_rgb(im):
     return im.convert("RGB")  # L, 1, P, CMYK (Pillow undoes Adobe's inverted CMYK), YCbCr, LAB, ...
 
 
-# CLIP's normalisation (docs/DESIGN.md): the statistics of the OpenAI training images.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
 # --------------------------------------------------------------------------------------------
-# Pillow transforms (the PyTorch backend, and DALI's per-batch fallback)
+# Pillow decoding and the loaders' transforms (the PyTorch backend, and DALI's per-batch fallback)
 # --------------------------------------------------------------------------------------------
 
-def random_resized_crop_box(width: int, height: int, rng: np.random.Generator, area=(0.9, 1.0),
-                            ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
-    """torchvision's RandomResizedCrop.get_params: (left, top, right, bottom) in pixels."""
-    total = width * height
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target = total * rng.uniform(area[0], area[1])
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w = int(round(math.sqrt(target * aspect)))
-        h = int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            x = int(rng.integers(0, width - w + 1))
-            y = int(rng.integers(0, height - h + 1))
-            return x, y, x + w, y + h
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        w, h = width, int(round(width / ratio[0]))
-    elif in_ratio > ratio[1]:
-        h, w = height, int(round(height * ratio[1]))
-    else:
-        w, h = width, height
-    x, y = (width - w) // 2, (height - h) // 2
-    return x, y, x + w, y + h
-
-
-def pil_decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS):
-    """JPEG/any bytes -> RGB Pillow image, EXIF orientation applied (as DALI's decoder does). An image
+def pil_decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, rgb: bool = True):
+    """JPEG/any bytes -> RGB Pillow image (its own mode with `rgb=False`), EXIF orientation applied (as
+    DALI's decoder does). An image
     of more than `max_pixels` pixels raises ValueError from its header, before anything is decoded
     (a decompression-bomb PNG of a few KB would otherwise take gigabytes)."""
     from PIL import Image, ImageOps
@@ -173,18 +142,18 @@ def pil_decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS):
         im.load()
     if im.format == "JPEG" and 0x0112 in im.getexif():
         im = ImageOps.exif_transpose(im)
-    return pil_to_rgb(im)
+    return pil_to_rgb(im) if rgb else im
 
 
 def pil_transform(im, size: int, *, train: bool, rng: np.random.Generator | None = None, area=(0.9, 1.0),
-                  ratio=(3 / 4, 4 / 3)) -> np.ndarray:
-    """RGB image -> uint8 (size, size, 3): random resized crop (train) or shorter-side resize + centre crop."""
-    from PIL import Image
-
+                  ratio=(3 / 4, 4 / 3), interpolation: str = "bicubic") -> np.ndarray:
+    """RGB image -> uint8 (size, size, 3): random resized crop (train: OpenCLIP's, the box drawn from
+    `rng`) or DALI's shorter-side resize + centre crop (evaluation in the loaders)."""
+    resample = resample_filter(interpolation)
     w, h = im.size
     if train:
         box = random_resized_crop_box(w, h, rng, area, ratio)
-        out = im.resize((size, size), Image.BICUBIC, box=box)
+        out = im.resize((size, size), resample, box=box)
     else:
         # Same geometry as DALI's resize(resize_shorter) + crop_mirror_normalize(crop): the longer
         # side and the centre offset round half up (checked against DALI's output).
@@ -194,13 +163,5 @@ def pil_transform(im, size: int, *, train: bool, rng: np.random.Generator | None
         sx, sy = nw / w, nh / h
         # Resize and crop in one pass: the crop box mapped back to source pixels.
         box = (left / sx, top / sy, (left + size) / sx, (top + size) / sy)
-        out = im.resize((size, size), Image.BICUBIC, box=box)
+        out = im.resize((size, size), resample, box=box)
     return np.asarray(out, dtype=np.uint8)
-
-
-def normalize_uint8(batch: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> float32 (B, 3, H, W), CLIP mean/std."""
-    x = batch.permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    return x.sub_(mean).div_(std)

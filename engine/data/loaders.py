@@ -141,9 +141,10 @@ class _PillowBatches(torch.utils.data.Dataset):
     the same whatever the worker or resume point), and counted (`decode_error` / `read_error`, and
     `replaced`). The replacement appears again in its own batch: that epoch sees it twice."""
 
-    def __init__(self, plan: _EpochPlan, tokenizer, size: int, train: bool, area, ratio):
+    def __init__(self, plan: _EpochPlan, tokenizer, size: int, train: bool, cfg: DataConfig):
         self.plan, self.tokenizer, self.size, self.train = plan, tokenizer, size, train
-        self.area, self.ratio = area, ratio
+        self.area, self.ratio = tuple(cfg.random_area), tuple(cfg.random_aspect_ratio)
+        self.interpolation, self.mean, self.std = cfg.interpolation, tuple(cfg.mean), tuple(cfg.std)
 
     def __len__(self):
         return self.plan.num_batches
@@ -156,7 +157,8 @@ class _PillowBatches(torch.utils.data.Dataset):
             raise _ReadError(str(exc)) from exc
         im = pil_decode(raw)
         rng = self.plan.rng(i) if self.train else None
-        image = pil_transform(im, self.size, train=self.train, rng=rng, area=self.area, ratio=self.ratio)
+        image = pil_transform(im, self.size, train=self.train, rng=rng, area=self.area, ratio=self.ratio,
+                              interpolation=self.interpolation)
         return image, caption
 
     def decode(self, b: int):
@@ -188,7 +190,7 @@ class _PillowBatches(torch.utils.data.Dataset):
                 images.append(image)
                 used.append(j)
                 captions.append(caption)
-        batch = (normalize_uint8(torch.from_numpy(np.stack(images))) if images
+        batch = (normalize_uint8(torch.from_numpy(np.stack(images)), self.mean, self.std) if images
                  else torch.zeros(0, 3, self.size, self.size))
         return batch, used, captions, errors, missing
 
@@ -327,8 +329,7 @@ class _Loader:
 
     def _pillow(self, plan: _EpochPlan, tokenizer) -> _PillowBatches:
         """The Pillow decoder of this loader's plan: the PyTorch backend, and DALI's fallback."""
-        return _PillowBatches(plan, tokenizer, self.image_size, self.train, tuple(self.cfg.random_area),
-                              tuple(self.cfg.random_aspect_ratio))
+        return _PillowBatches(plan, tokenizer, self.image_size, self.train, self.cfg)
 
 
 class PyTorchLoader(_Loader):

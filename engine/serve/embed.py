@@ -10,9 +10,9 @@ Images may be paths, encoded bytes, Pillow images, numpy arrays (raw pixels: (H,
 uint8 or float in [0, 1]) or torch tensors. Tensors are taken as model input that is already
 preprocessed: (3, R, R) or (N, 3, R, R), CLIP-normalised, exactly what `encode_image` takes. Everything
 else goes through `preprocess`, the one preprocessing function: decode (EXIF orientation applied),
-RGB conversion, bicubic resize of the shorter side to the model resolution, centre crop (the
-evaluation geometry of `clipforge.data.pil_transform`, which DALI's eval pipeline matches) and CLIP's
-mean/std (`clipforge.data.normalize_uint8`).
+then OpenCLIP's evaluation transform (`clipforge.model.transforms.ImageTransform`: bicubic resize of the
+shorter side to the model resolution, centre crop, RGB conversion, CLIP's mean/std), so that embeddings
+and `clipforge eval` numbers equal OpenCLIP's on the same images.
 
 Inference runs without grad, batch by batch, on the GPU when there is one (device=None: the model's
 device, or CUDA when the model sits on the CPU and CUDA is available; the model is moved there), with
@@ -43,10 +43,10 @@ _PROGRESS_MIN_BATCHES = 8
 
 
 def _pixels_or_error(item: Any, index: int, size: int):
-    from ..data.images import pil_transform
+    from ..model.transforms import ImageTransform
 
     try:
-        return pil_transform(load_image(item, index), size, train=False), None
+        return ImageTransform(size).pixels(load_image(item, index, rgb=False)), None
     except ImageReadError as exc:
         return None, str(exc)
 
@@ -181,7 +181,7 @@ def iter_image_batches(model, images, batch_size: int = 64, *, on_error: str = "
                 uint8.append((len(kept) - 1, pixels))
             batch = None
             if kept:
-                from ..data.images import normalize_uint8
+                from ..model.transforms import normalize_uint8
 
                 batch = torch.empty(len(kept), 3, size, size)
                 if uint8:
