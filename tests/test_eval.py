@@ -2,7 +2,6 @@
 import csv
 import io
 import json
-import os
 import tarfile
 
 import numpy as np
@@ -156,3 +155,28 @@ def test_bad_datasets(digit_sets, tmp_path):
         cfeval.retrieval_eval(model, str(tmp_path / "bad.csv"))
     with pytest.raises(ValueError, match="unknown evaluation task"):
         cfeval.evaluate(model, cfeval.EvalConfig(task="captioning", data="x"))
+
+
+def test_a_plain_state_dict_loads_bit_exact_with_its_model_name(digit_sets, tmp_path):
+    """`torch.save(model.state_dict())` of the trained digits model: `clipforge.load(p, model_name=...)` gives
+    the same tensors bit for bit and the same zero-shot report; without a name it is refused (a plain state
+    dict does not say its activation or heads)."""
+    import clipforge
+    from clipforge.model.weights import CheckpointError
+
+    model, root, _, _ = digit_sets
+    p = tmp_path / "digits.pt"
+    torch.save(model.state_dict(), p)
+    loaded = clipforge.load(str(p), model_name="tiny-vit")
+    want, got = model.state_dict(), loaded.state_dict()
+    assert got.keys() == want.keys()
+    assert all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]) for k in want)
+    reports = [cfeval.zeroshot_eval(m, str(root / "val"), templates=TEMPLATES, batch_size=50) for m in (model, loaded)]
+    assert reports[0] == reports[1] and reports[0]["top1"] > 0.5
+    with pytest.raises(CheckpointError, match="plain state dict.*model_name="):
+        clipforge.load(str(p))
+    # a one-element logit_scale (as DeepSpeed's module state holds it) fits the 0-dim parameter; two do not
+    sd = dict(want, logit_scale=want["logit_scale"].reshape(1))
+    assert torch.equal(clipforge.load(sd, model_name="tiny-vit").logit_scale, want["logit_scale"])
+    with pytest.raises(CheckpointError, match=r"mis-shaped keys: logit_scale \(checkpoint \(2,\), model \(\)\)"):
+        clipforge.load(dict(want, logit_scale=torch.ones(2)), model_name="tiny-vit")

@@ -287,14 +287,121 @@ def test_zero_two_ranks_match_one_process(reference_run, tmp_path, stage, micro)
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_two_ranks_clamp_logit_scale(tmp_path, stage):
     """On 2 ranks the clamp reaches ZeRO's partitioned fp32 copy (ZeRO 3 pads the 1-element scale with
-    one element per rank): step 1 ends at 100; step 2 starts from ln(100) and this batch lowers it."""
+    one element per rank): step 1 ends at 100; step 2 starts from ln(100) and this batch lowers it.
+    The checkpoint of step 2 carries the model (gathered under ZeRO 3): `clipforge.load(dir)` gives the
+    final weights; under ZeRO 3 DeepSpeed's module state holds only placeholders and is refused."""
+    import clipforge
+    from clipforge.model.weights import CheckpointError
+
     config = write_config(tmp_path, "clamp", model={"overrides": {"init_logit_scale": 4.7}}, max_steps=2,
-                          batch={"micro_size": 4}, deepspeed={"zero_stage": stage})
+                          batch={"micro_size": 4}, deepspeed={"zero_stage": stage},
+                          checkpointing={"every_steps": 2, "keep_last": 1, "save_final": True})
     run_two_ranks(config)
     scales = [r["logit_scale"] for r in read_metrics(tmp_path / "clamp")]
     assert scales[0] == pytest.approx(100.0, rel=1e-6)
     assert 99.0 < scales[1] < 100.0 - 1e-3
-    assert read_weights(tmp_path / "clamp")["logit_scale"].item() < 4.6052
+    final = read_weights(tmp_path / "clamp")
+    assert final["logit_scale"].item() < 4.6052
+    ckpt = tmp_path / "clamp" / "checkpoints" / "step_000002"
+    loaded = clipforge.load(str(ckpt)).state_dict()  # the same step as the final weights: equal bit for bit
+    assert loaded.keys() == final.keys() and all(torch.equal(loaded[k], final[k]) for k in final)
+    if stage == 3:
+        states = sorted((ckpt / "ds").glob("*model_states.pt"))
+        assert states
+        for path in states:
+            with pytest.raises(CheckpointError, match="empty placeholders.*ZeRO stage 3"):
+                clipforge.load(str(path), model_name="tiny-vit")
+        # a checkpoint without model.safetensors (written before it existed) falls back to that state
+        os.remove(ckpt / "model.safetensors")
+        for kwargs in ({}, {"model_name": "tiny-vit"}):
+            with pytest.raises(CheckpointError, match="empty placeholders.*ZeRO stage 3"):
+                clipforge.load(str(ckpt), **kwargs)
+
+
+DIGITS_PER_CLASS = 5
+
+
+def write_digit_folder(root, size: int) -> str:
+    """An ImageFolder of scikit-learn's real digit scans (classes zero..nine, DIGITS_PER_CLASS each),
+    ink on paper, upscaled from 8x8 to `size`."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    d = load_digits()
+    for label, name in enumerate(names):
+        os.makedirs(os.path.join(root, name))
+        for i in np.flatnonzero(d.target == label)[:DIGITS_PER_CLASS]:
+            ink = (255 - d.images[i] * 255 / 16).astype(np.uint8)
+            Image.fromarray(ink).resize((size, size), Image.BILINEAR).convert("RGB").save(
+                os.path.join(root, name, f"{i:04d}.png"))
+    return str(root)
+
+
+def test_intermediate_checkpoints_evaluate_like_the_final_model(tmp_path, capsys):
+    """2 ranks, ZeRO 2, 4 steps, a checkpoint every 2: `clipforge eval --model <checkpoint dir>` reports
+    exactly what the final model.safetensors does at the same step; step 2 is another model; DeepSpeed's
+    module state loads given a model name and is refused without one; an incomplete checkpoint and the
+    checkpoints/ directory itself are refused in one sentence."""
+    import itertools
+
+    import clipforge
+    from clipforge import cli
+    from clipforge.model.config import get_preset
+    from clipforge.model.weights import CheckpointError
+
+    config = write_config(tmp_path, "ckpt", batch={"micro_size": 8}, deepspeed={"zero_stage": 2}, max_steps=4,
+                          checkpointing={"every_steps": 2, "keep_last": 2, "save_final": True})
+    run_two_ranks(config)
+    out = tmp_path / "ckpt"
+    ckpts = out / "checkpoints"
+    assert sorted(os.listdir(ckpts)) == ["step_000002", "step_000004"]
+    assert all((ckpts / n / "model.safetensors").is_file() for n in os.listdir(ckpts))
+    data = write_digit_folder(tmp_path / "digits", get_preset("tiny-vit").vision.image_size)  # 32
+    reports = itertools.count()
+
+    def evaluate(model, *extra, rc=0):
+        report = tmp_path / f"report{next(reports)}.json"
+        argv = ["eval", "--model", str(model), *extra, "--task", "zeroshot", "--data", data,
+                "--templates", "a handwritten {}", "--out", str(report)]
+        assert cli.main(argv) == rc, capsys.readouterr().err
+        if rc:
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1, err
+            return err
+        rep = json.loads(report.read_text())
+        assert rep["images"] == 10 * DIGITS_PER_CLASS and "confusion_matrix" in rep
+        return {k: v for k, v in rep.items() if k not in ("model", "confusion_png")}
+
+    step4 = evaluate(ckpts / "step_000004")
+    assert step4 == evaluate(out / "model.safetensors")
+    assert step4 == evaluate(out)  # the run's output directory: its final model.safetensors
+    evaluate(ckpts / "step_000002")
+    w2, w4 = (clipforge.load(str(ckpts / n)).state_dict() for n in ("step_000002", "step_000004"))
+    assert any(not torch.equal(w2[k], w4[k]) for k in w4)
+    final = read_weights(out)
+    assert all(torch.equal(w4[k], final[k]) for k in final)
+    # DeepSpeed's module state (ZeRO 2: full fp32 weights, logit_scale of shape (1,)): needs a model name
+    states = ckpts / "step_000004" / "ds" / "mp_rank_00_model_states.pt"
+    assert step4 == evaluate(states, "--model-name", "tiny-vit")
+    err = evaluate(states, rc=2)
+    assert "stores no model config" in err and "--model-name" in err and str(out / "config.yaml") in err
+    ds = clipforge.load(str(states), model_name="tiny-vit").state_dict()
+    assert ds["logit_scale"].shape == () and all(torch.equal(ds[k], final[k]) for k in final)
+    # a checkpoint written before checkpoints carried model.safetensors: the directory falls back to it
+    old = tmp_path / "old" / "step_000004"
+    shutil.copytree(ckpts / "step_000004", old)
+    os.remove(old / "model.safetensors")
+    assert step4 == evaluate(old, "--model-name", "tiny-vit")
+    with pytest.raises(CheckpointError, match="stores no model config"):
+        clipforge.load(str(old))
+    # refused: a checkpoint whose write was interrupted, a directory of checkpoints
+    os.remove(old / "COMPLETE")
+    assert "its write was interrupted" in evaluate(old, rc=2)
+    err = evaluate(ckpts, rc=2)
+    assert "directory of training checkpoints" in err and err.endswith(str(ckpts / "step_000004"))
+
 
 
 @pytest.mark.parametrize("stage", [1, 3])

@@ -12,6 +12,7 @@ GELU). An OpenCLIP model name ending in `-quickgelu` is understood by `model_nam
 """
 from __future__ import annotations
 
+import collections
 import io
 import json
 import os
@@ -34,16 +35,9 @@ class CheckpointError(ValueError):
 
 # ----------------------------------------------------------------------------- TorchScript archives
 _STORAGE_DTYPES = {
-    "FloatStorage": torch.float32,
-    "HalfStorage": torch.float16,
-    "BFloat16Storage": torch.bfloat16,
-    "DoubleStorage": torch.float64,
-    "LongStorage": torch.int64,
-    "IntStorage": torch.int32,
-    "ShortStorage": torch.int16,
-    "CharStorage": torch.int8,
-    "ByteStorage": torch.uint8,
-    "BoolStorage": torch.bool,
+    "FloatStorage": torch.float32, "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16,
+    "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
+    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
 }
 
 
@@ -73,8 +67,6 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_parameter"):
             return getattr(torch._utils, name)
         if module == "collections" and name == "OrderedDict":
-            import collections
-
             return collections.OrderedDict
         if module == "torch" and name in _STORAGE_DTYPES:
             return _StorageType(_STORAGE_DTYPES[name])
@@ -184,10 +176,9 @@ def _read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None
     except (CheckpointError, FileNotFoundError):
         raise
     except Exception as exc:  # corrupt, truncated, or a pickle that needs code to load
-        raise CheckpointError(
-            f"{path} could not be read as a CLIP checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-            "expected an OpenAI .pt archive, an OpenCLIP state dict, or a .safetensors file"
-        ) from None
+        detail = (str(exc) or f"no message; the file holds {os.path.getsize(path):,} bytes").splitlines()[0][:200]
+        raise CheckpointError(f"{path} could not be read as a CLIP checkpoint ({type(exc).__name__}: {detail}); "
+                              "expected an OpenAI .pt archive, an OpenCLIP state dict, or a .safetensors file") from None
     return (*_unwrap(obj, path), "torch")
 
 
@@ -205,6 +196,61 @@ def _unwrap(obj: Any, where: str) -> tuple[dict[str, torch.Tensor], dict | None]
     if all(k.startswith("module.") for k in sd):  # saved from DistributedDataParallel
         sd = {k[len("module."):]: v for k, v in sd.items()}
     return sd, cfg
+
+
+# ----------------------------------------------------------------------------- training checkpoints
+# The files of a training checkpoint `step_000123/` (train/checkpoint.py writes them; its docstring has the layout)
+COMPLETE, MODEL_FILE, DS_TAG = "COMPLETE", "model.safetensors", "ds"
+# DeepSpeed's module state in ds/: ZeRO 0-2's, then ZeRO 3's (rank 0's, which holds empty placeholders)
+DS_MODULE_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+STEP_NAME = re.compile(r"^step_(\d+)$")
+
+
+def is_complete(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, COMPLETE))
+
+
+def list_complete(directory: str) -> list[tuple[int, str]]:
+    """(step, path) of the complete checkpoints in `directory`, oldest first."""
+    names = os.listdir(directory) if os.path.isdir(directory) else []
+    found = [(int(m.group(1)), os.path.join(directory, n)) for n in names if (m := STEP_NAME.match(n))]
+    return sorted((step, p) for step, p in found if os.path.isdir(p) and is_complete(p))
+
+
+def _resolve_path(path: str) -> tuple[str, str | None]:
+    """The file `load` reads for `path`, and the checkpoint directory when that file is a checkpoint's
+    DeepSpeed module state (which stores no config), else None."""
+    if not os.path.isdir(path):  # a file: DeepSpeed's module state is known by its place in a checkpoint
+        ds = os.path.dirname(os.path.abspath(path))
+        known = os.path.basename(ds) == DS_TAG and os.path.basename(path).endswith("_model_states.pt")
+        return path, os.path.dirname(ds) if known else None
+    model = os.path.join(path, MODEL_FILE)
+    states = [f for n in DS_MODULE_STATES if os.path.isfile(f := os.path.join(path, DS_TAG, n))]
+    name = os.path.basename(os.path.normpath(path)).removeprefix(".tmp-")
+    if is_complete(path) or STEP_NAME.match(name) or os.path.isdir(os.path.join(path, DS_TAG)):
+        if not is_complete(path):
+            why = f"has no {COMPLETE} marker: its write was interrupted"
+        elif os.path.isfile(model) or states:
+            return (model, None) if os.path.isfile(model) else (states[0], path)
+        else:
+            why = f"holds neither {MODEL_FILE} nor DeepSpeed's module state ({DS_TAG}/{DS_MODULE_STATES[0]})"
+        raise CheckpointError(f"{path} is a training checkpoint that {why}; load another checkpoint or the "
+                              f"run's {MODEL_FILE}")
+    if os.path.isfile(model):
+        return model, None
+    if done := list_complete(path) or list_complete(os.path.join(path, "checkpoints")):
+        raise CheckpointError(f"{path} is a directory of training checkpoints, not one; pass one of them, e.g. "
+                              f"the newest complete one, {done[-1][1]}")
+    raise CheckpointError(f"{path} is a directory holding no {MODEL_FILE} and no complete training checkpoint "
+                          f"(step_N/ with {COMPLETE}); pass a weights file or a checkpoint directory")
+
+
+def _no_config(where: str, ckpt: str) -> str:
+    """The refusal of a checkpoint's DeepSpeed module state given without model_name / config."""
+    run_cfg = os.path.normpath(os.path.join(ckpt, os.pardir, os.pardir, "config.yaml"))
+    hint = f" (the run's {run_cfg} names it under model.name)" if os.path.isfile(run_cfg) else ""
+    return (f"{where} is DeepSpeed's module state of a training checkpoint, which stores no model config: pass "
+            f"model_name= (--model-name on the CLI) or config={hint}")
 
 
 # ----------------------------------------------------------------------------- families
@@ -336,9 +382,12 @@ _IGNORED_KEYS = {"input_resolution", "context_length", "vocab_size", "attn_mask"
 
 
 def load_state_dict_strict(model: CLIP, sd: Mapping[str, torch.Tensor], where: str = "state dict") -> None:
-    """Copy `sd` into `model`, refusing with the names of missing, unexpected or mis-shaped keys."""
-    sd = {k: v for k, v in sd.items() if k.rsplit(".", 1)[-1] not in _IGNORED_KEYS}
+    """Copy `sd` into `model`, refusing with the names of missing, unexpected or mis-shaped keys (a tensor of
+    one element for a 0-dim parameter is reshaped)."""
     own = model.state_dict()
+    # a one-element tensor for a 0-dim parameter (DeepSpeed's module state holds logit_scale as (1,))
+    sd = {k: v.reshape(()) if k in own and own[k].dim() == 0 and v.dim() and v.numel() == 1 else v
+          for k, v in sd.items() if k.rsplit(".", 1)[-1] not in _IGNORED_KEYS}
     own = {k: v for k, v in own.items() if not k.endswith("num_batches_tracked") or k in sd}
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
@@ -374,22 +423,31 @@ def load(
 ) -> CLIP:
     """Build a CLIP model from released weights or a clipforge checkpoint; returns it in eval mode.
 
-    path_or_state_dict: a file path or a state dict. The architecture comes from, in order: `config`,
-    `model_name` (a preset, with OpenCLIP's names and meanings: "ViT-B-32" is GELU, "ViT-B-32-quickgelu"
-    QuickGELU; see `list_models()`), the config stored in a clipforge file (safetensors, `clipforge.save`,
-    training checkpoints), or, for OpenAI's own .pt archives only, the tensor shapes (QuickGELU and a head
-    width of 64 by definition). Nothing is guessed: a plain state dict without a name does not say its
-    activation or its heads, and is refused with one sentence naming the presets its shapes match; shapes
-    that contradict the named config are refused naming the tensor and both shapes. `quick_gelu`
-    overrides the activation of the resolved config. Weights holding NaN or infinity are refused (a model
-    that would embed everything as NaN) unless `allow_nonfinite=True`, to inspect such a file.
+    path_or_state_dict: a file path, a state dict, or a directory: a complete training checkpoint (`step_N/`:
+    its model.safetensors, or in one written without it DeepSpeed's module state, which needs `model_name` or
+    `config`) or a run's output directory (its model.safetensors). The architecture comes from, in order:
+    `config`, `model_name` (a preset, with OpenCLIP's names and meanings: "ViT-B-32" is GELU,
+    "ViT-B-32-quickgelu" QuickGELU; see `list_models()`), the config stored in a clipforge file (safetensors,
+    `clipforge.save`, training checkpoints), or, for OpenAI's own .pt archives only, the tensor shapes
+    (QuickGELU and a head width of 64 by definition). Nothing is guessed: a plain state dict without a name
+    does not say its activation or its heads, and is refused with one sentence naming the presets its shapes
+    match; shapes that contradict the named config are refused naming the tensor and both shapes.
+    `quick_gelu` overrides the activation of the resolved config. Weights holding NaN or infinity are refused
+    (a model that would embed everything as NaN) unless `allow_nonfinite=True`, to inspect such a file.
     """
     if isinstance(path_or_state_dict, Mapping):
         sd, stored_cfg = _unwrap(path_or_state_dict, "the state dict")
         where, kind = "the state dict", "state dict"
     else:
-        sd, stored_cfg, kind = _read(path_or_state_dict)
-        where = os.fspath(path_or_state_dict)
+        where, ckpt = _resolve_path(os.fspath(path_or_state_dict))
+        sd, stored_cfg, kind = _read(where)
+        if empty := sorted(k for k, v in sd.items() if v.numel() == 0):
+            raise CheckpointError(f"{where} holds empty placeholders for {len(empty)} of its {len(sd)} tensors "
+                                  f"(e.g. {empty[0]}): the module state of a ZeRO stage 3 checkpoint, whose weights "
+                                  f"DeepSpeed partitions across ranks; load the {MODEL_FILE} of the checkpoint or of "
+                                  "the run, or consolidate the partitions with the checkpoint's zero_to_fp32.py")
+        if ckpt is not None and config is None and model_name is None:
+            raise CheckpointError(_no_config(where, ckpt))
     refuse_other_families(sd, where)
     if not allow_nonfinite:
         _check_finite(sd, where)

@@ -6,6 +6,8 @@
     clipforge eval --model CKPT --task retrieval --data captions.csv --out report.json
     clipforge eval --model CKPT --task linear-probe --train DIR --test DIR --out report.json
 
+CKPT is a weights file, a training checkpoint directory (<output_dir>/checkpoints/step_000123: an
+intermediate checkpoint evaluates as the final model does) or a run's output directory.
 Each command builds its configuration from the options and calls `clipforge.serve.embed` / `clipforge.serve.evaluate`.
 User errors (bad checkpoint, missing folder, bad class list) print one line and exit with status 2.
 """
@@ -32,7 +34,9 @@ DESCRIPTIONS = {
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="CKPT",
-                   help="checkpoint: a clipforge .safetensors, an OpenAI .pt archive or an OpenCLIP state dict")
+                   help="checkpoint: a clipforge .safetensors, an OpenAI .pt archive or an OpenCLIP state dict, "
+                        "or a directory: a training checkpoint (<output_dir>/checkpoints/step_N) or a training "
+                        "run's output directory (its final model.safetensors)")
     p.add_argument("--model-name", default=None, metavar="PRESET",
                    help="architecture, with OpenCLIP's names: ViT-B-32 is GELU (LAION / DataComp weights), "
                         "ViT-B-32-quickgelu QuickGELU (OpenAI's weights saved as a state dict); needed for a plain "
@@ -108,7 +112,7 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 def _load_model(args):
     from ..model.weights import load
 
-    if not os.path.isfile(args.model):
+    if not os.path.exists(args.model):  # a file, or a directory: a training checkpoint or a run's output
         raise FileNotFoundError(f"checkpoint not found: {args.model}")
     return load(args.model, model_name=args.model_name)
 

@@ -1,9 +1,19 @@
 """Training checkpoints: a DeepSpeed checkpoint plus the trainer's own state, written atomically.
 
-Layout of a checkpoint directory `<dir>/step_000123/`:
+Layout of a checkpoint directory `<dir>/step_000123/` (the file names are model/weights.py's, which
+reads them: `clipforge.load(<dir>/step_000123)` and `clipforge eval --model <dir>/step_000123`):
     ds/                      DeepSpeed's files (model, ZeRO partitions, optimizer, LR schedule)
     trainer_rank{r}.pt       each rank's trainer state: step, samples seen, data position, RNG states
+    model.safetensors        the full weights in fp32 with the model config (as the run's final
+                             model.safetensors): what `clipforge.load` reads of a checkpoint
     COMPLETE                 written last, holds the step; a directory without it is never resumed from
+                             nor loaded
+
+model.safetensors costs one fp32 copy of the weights per checkpoint, beside DeepSpeed's files (weights,
+fp32 master copy and Adam's two moments): 4 bytes a parameter, e.g. ~10 GB for ViT-bigG-14 (2.5 B
+parameters) beside DeepSpeed's ~35 GB, times `keep_last`; rank 0 gathers it (a collective under ZeRO 3)
+and holds it in CPU memory while writing. Checkpoints written before it existed load from
+ds/mp_rank_00_model_states.pt given a model name (ZeRO 0-2 only: ZeRO 3 partitions the weights across ranks).
 
 Atomicity: every rank writes into `<dir>/.tmp-step_000123/`; after a barrier rank 0 writes COMPLETE and
 renames the directory to its final name (a rename within one directory is atomic on POSIX file
@@ -17,17 +27,15 @@ The trainer state is plain tensors, numbers and lists, saved with torch.save and
 from __future__ import annotations
 
 import os
-import re
 import shutil
 
 import torch
 
-from ..model.weights import CheckpointError
+from ..model import weights
+from ..model.weights import CheckpointError, is_complete, list_complete
 
-
-COMPLETE = "COMPLETE"
-DS_TAG = "ds"
-_NAME = re.compile(r"^step_(\d+)$")
+# the file names of a checkpoint, and the completeness test, are model/weights.py's (it reads checkpoints too)
+COMPLETE, MODEL_FILE, DS_TAG = weights.COMPLETE, weights.MODEL_FILE, weights.DS_TAG
 
 
 def checkpoint_name(step: int) -> str:
@@ -42,21 +50,9 @@ def trainer_state_path(path: str, rank: int) -> str:
     return os.path.join(path, f"trainer_rank{rank}.pt")
 
 
-def is_complete(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, COMPLETE))
-
-
-def list_complete(directory: str) -> list[tuple[int, str]]:
-    """(step, path) of the complete checkpoints in `directory`, oldest first."""
-    if not os.path.isdir(directory):
-        return []
-    found = []
-    for name in os.listdir(directory):
-        m = _NAME.match(name)
-        path = os.path.join(directory, name)
-        if m and os.path.isdir(path) and is_complete(path):
-            found.append((int(m.group(1)), path))
-    return sorted(found)
+def model_path(path: str) -> str:
+    """The checkpoint's model.safetensors (weights + config, what `clipforge.load` reads)."""
+    return os.path.join(path, MODEL_FILE)
 
 
 def find_latest(directory: str) -> str | None:

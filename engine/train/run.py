@@ -3,8 +3,8 @@
 
 Also the `clipforge train` sub-command (`add_arguments` / `run`), and `main(argv)` for tests.
 Each run writes into its output directory: config.yaml (the resolved config), deepspeed_config.json,
-metrics.jsonl (one JSON object per step), tensorboard/, checkpoints/, model.safetensors (the final
-weights, readable by `clipforge.load`) and loss_curve.png.
+metrics.jsonl (one JSON object per step), tensorboard/, checkpoints/ (each step_N/ also readable by
+`clipforge.load`), model.safetensors (the final weights, readable by `clipforge.load`) and loss_curve.png.
 """
 from __future__ import annotations
 
@@ -72,13 +72,20 @@ def run(args) -> int:
 
 # ---------------------------------------------------------------------------------- the run
 def save(trainer, cfg: TrainConfig) -> str | None:
-    """Write a checkpoint atomically (all ranks call this); returns its path on rank 0."""
+    """Write a checkpoint atomically (all ranks call this); returns its path on rank 0. Besides DeepSpeed's
+    state and the trainer's, it holds the model (model.safetensors: fp32 weights + config), so that
+    `clipforge.load` and `clipforge eval` open the checkpoint directory."""
     from . import checkpoint
+    from ..model.weights import save_state_dict
 
     directory = cfg.checkpoint_dir
     tmp = checkpoint.prepare_tmp(directory, trainer.step, trainer.rank)
     dist.barrier()
     trainer.save_checkpoint(tmp)
+    weights = trainer.full_state_dict(rank0_only=True)  # collective under ZeRO 3
+    if trainer.rank == 0:
+        save_state_dict(weights, trainer.model_config, checkpoint.model_path(tmp))
+    del weights
     dist.barrier()
     final = None
     if trainer.rank == 0:
