@@ -390,6 +390,37 @@ def test_make_shards_errors(tmp_path):
         shards.make_shards(shards.MakeShardsConfig(str(tmp_path / "t.csv"), str(tmp_path / "o3"), progress=False))
 
 
+def test_make_shards_that_writes_nothing_exits_1_saying_why(tmp_path, capsys):
+    """A folder of images without captions wrote zero shards and exited 0: now 1, with one sentence."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        (src / f"im{i}.jpg").write_bytes(solid_jpeg(i))
+    out = tmp_path / "out"
+    assert shards.main([str(src), str(out), "--quiet", "--workers", "1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("clipforge make-shards: no shard written: 3 images found in")
+    assert "none with a caption (a same-name .txt beside each image" in err
+    assert os.listdir(out) == ["stats.json"]  # no empty shard or index, no temp file
+    assert json.load(open(out / "stats.json"))["skipped"] == {"missing_caption": 3}
+    # every sample skipped for other reasons: the counts, and where the list is
+    (src / "im0.txt").write_bytes(b"")
+    (src / "im1.txt").write_bytes(caption_of(1))
+    (src / "im1.jpg").write_bytes(b"not a jpeg")
+    assert shards.main([str(src), str(tmp_path / "o2"), "--quiet", "--workers", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "all 3 samples of" in err and "(corrupt_image 1, empty_caption 1, missing_caption 1)" in err
+    assert "stats.json lists them" in err and os.listdir(tmp_path / "o2") == ["stats.json"]
+    # nothing to read at all; the same OUT can be reused once there is something to write
+    (tmp_path / "empty").mkdir()
+    assert shards.main([str(tmp_path / "empty"), str(out), "--quiet"]) == 1
+    assert "holds no images (.jpg" in capsys.readouterr().err
+    (src / "im2.txt").write_bytes(caption_of(2))
+    assert shards.main([str(src), str(out), "--quiet", "--workers", "1"]) == 0
+    assert sorted(os.listdir(out)) == ["00000.idx", "00000.tar", "stats.json"]
+    assert shards.main([str(tmp_path / "nope"), str(tmp_path / "o3"), "--quiet"]) == 2  # usage: still 2
+
+
 def test_make_shards_refuses_pipes_devices_links_out_and_duplicate_stems(tmp_path):
     """A named pipe and a link to /dev/zero hung make-shards (or read forever); a link or a table path
     leading out of the source folder was followed; a second image of one stem vanished uncounted."""

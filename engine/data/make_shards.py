@@ -19,6 +19,10 @@ structurally sound and small enough is stored byte for byte; any other image tha
 (PNG, WebP, CMYK, 16-bit, alpha, palette, EXIF-rotated, larger than --max-side) is converted to an
 RGB JPEG; anything else is skipped and counted. The same two functions are the read-time guard that
 `clipforge.data` runs over shards NOT written here.
+
+Exit status: 0 when shards were written; 1 when none was (every sample skipped, or none found: one
+sentence says why, stats.json lists the skipped sources); 2 for a usage error (a missing source, an
+output folder that already holds shards, a bad option).
 """
 from __future__ import annotations
 
@@ -281,9 +285,27 @@ def run(args) -> int:
         print(f"clipforge make-shards: {exc}", file=sys.stderr)
         return 2
     skipped = ", ".join(f"{k} {v}" for k, v in stats["skipped"].items()) or "none"
+    if stats["count"] == 0:
+        print(f"clipforge make-shards: {_nothing_written(stats, cfg)}", file=sys.stderr)
+        return 1
     print(f"wrote {stats['count']} samples in {len(stats['shards'])} shards to {cfg.out_dir} "
           f"(skipped {stats['skipped_total']}: {skipped})")
     return 0
+
+
+def _nothing_written(stats: dict, cfg: MakeShardsConfig) -> str:
+    """The sentence of a run that wrote no shard: why, from its skip counts (stats.json lists the sources)."""
+    seen, skipped, src = stats["seen"], stats["skipped"], cfg.src
+    if seen == 0:
+        what = f"images ({', '.join('.' + e for e in IMAGE_EXTS)}) or captions (.txt)" if os.path.isdir(src) else "rows"
+        return f"no shard written: {src} holds no {what}"
+    if set(skipped) == {"missing_caption"}:
+        how = ("a same-name .txt beside each image, cat.jpg + cat.txt, or a table with a caption column: "
+               "--caption-col" if os.path.isdir(src) else "the caption column is empty in every row")
+        return f"no shard written: {seen} images found in {src}, none with a caption ({how})"
+    counts = ", ".join(f"{k} {v}" for k, v in skipped.items())
+    return (f"no shard written: all {seen} samples of {src} were skipped ({counts}); "
+            f"{os.path.join(cfg.out_dir, STATS_NAME)} lists them with the reasons")
 
 
 def main(argv=None) -> int:

@@ -106,7 +106,12 @@ def load_trainer_state(path: str, rank: int) -> dict:
             f"{path} has no trainer state for rank {rank} ({os.path.basename(target)}): it was written by a run "
             "with fewer ranks; resume with the same number of ranks"
         )
-    return torch.load(target, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(target, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated (a full disk), empty, or a pickle that would need code to load
+        detail = (str(exc) or f"no message; {os.path.getsize(target):,} bytes").splitlines()[0][:200]
+        raise CheckpointError(f"{target} cannot be read ({type(exc).__name__}: {detail}): this checkpoint is "
+                              "damaged; resume from an earlier one (pass its path to --resume)") from None
 
 
 def finalize(directory: str, step: int, keep_last: int) -> str:
