@@ -503,6 +503,20 @@ def test_main_reports_bad_resume_and_batch(tmp_path, one_rank, capsys):
     assert "'batch.global_size'" in capsys.readouterr().err
 
 
+def test_resume_survives_a_torn_metrics_log(tmp_path, one_rank):
+    """A write cut short (a full disk) leaves a partial last line in metrics.jsonl: --resume auto cuts the
+    log back to its last complete record, with a warning, instead of stopping on a JSONDecodeError."""
+    config = write_config(tmp_path, "torn", batch={"micro_size": 8}, max_steps=2,
+                          checkpointing={"every_steps": 2, "keep_last": 1, "save_final": True})
+    assert run_main(config) == 0
+    log = tmp_path / "torn" / "metrics.jsonl"
+    with open(log, "a") as f:
+        f.write('{"step": 3, "loss": 2.07')  # the torn record of a step after the checkpoint
+    with pytest.warns(RuntimeWarning, match="line 3 is not a complete record"):
+        assert run_main(config, "--resume", "auto", "--max-steps", "3") == 0
+    assert [r["step"] for r in read_metrics(tmp_path / "torn")] == [1, 2, 3]
+
+
 def test_trainer_state_loads_with_weights_only(tmp_path, one_rank):
     from clipforge.train.checkpoint import load_trainer_state, save_trainer_state
     from clipforge.train.config import TrainConfig

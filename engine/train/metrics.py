@@ -4,11 +4,36 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 
 from .config import TrainConfig
 
 
 # --------------------------------------------------------------------------------- logging
+def read_complete_records(path: str) -> list[str]:
+    """The lines of metrics.jsonl up to its last complete record. A write cut short (a full disk, a
+    killed process) leaves a partial last line: it is dropped with a warning, and so is anything after
+    the first line that is not a JSON record, so that a resume never stops on a torn log."""
+    kept = []
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    for number, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw.decode("utf-8"))
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("not a step record")
+        except (UnicodeDecodeError, ValueError):
+            dropped = sum(1 for r in lines[number - 1:] if r.strip())
+            warnings.warn(f"{path}: line {number} is not a complete record (a write cut short?); it and the "
+                          f"{dropped - 1} line(s) after it are dropped, the log continues from step "
+                          f"{json.loads(kept[-1])['step'] if kept else 0}", RuntimeWarning, stacklevel=3)
+            break
+        kept.append(raw.decode("utf-8") + "\n")
+    return kept
+
+
 class RunLog:
     """metrics.jsonl, TensorBoard and the progress bar; only rank 0 writes."""
 
@@ -19,13 +44,13 @@ class RunLog:
         if not enabled:
             return
         # a resumed run replays the steps after its checkpoint: drop their old lines
-        kept = []
-        if start_step > 0 and os.path.exists(self.path):
-            with open(self.path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
-        self.file = open(self.path, "w")
-        self.file.writelines(kept)
-        self.file.flush()
+        kept = read_complete_records(self.path) if start_step > 0 and os.path.exists(self.path) else []
+        kept = [line for line in kept if json.loads(line)["step"] <= start_step]
+        tmp = self.path + ".tmp"  # rewritten whole, then renamed: a crash here leaves the old log as it was
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, self.path)
+        self.file = open(self.path, "a")
         if cfg.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
