@@ -185,6 +185,18 @@ def test_eval_cli_reports(digits_clip, tmp_path):
                             str(tmp_path / "test"), "--out", str(tmp_path / "lp.json")]) == 0
     r = json.load(open(tmp_path / "lp.json"))
     assert r["task"] == "linear-probe" and r["train_images"] == 100 and r["test_images"] == 50 and r["top1"] > 0.5
+    # an existing report (or its confusion PNG) is never replaced silently, and the refusal comes before any work
+    before = {p: p.read_bytes() for p in (rep, tmp_path / "zs.confusion.png")}
+    for argv in (base + ["--task", "zeroshot", "--data", str(tmp_path / "train"), "--out", str(rep)],
+                 base + ["--task", "zeroshot", "--data", str(tmp_path / "test"), "--out", str(tmp_path / "new.json"),
+                         "--confusion", str(tmp_path / "zs.confusion.png")],
+                 ["zeroshot", "--model", str(tmp_path / "no-such.pt"), "--images", str(tmp_path / "test"),
+                  "--classes", ",".join(NAMES), "--out", str(rep)]):
+        assert cli.main(argv) == 2, argv
+    assert {p: p.read_bytes() for p in before} == before and not (tmp_path / "new.json").exists()
+    assert cli.main(base + ["--task", "zeroshot", "--data", str(tmp_path / "test"), "--templates", "digits",
+                            "--out", str(rep), "--overwrite"]) == 0
+    assert json.load(open(rep))["images"] == 50
 
 
 def test_user_errors_are_one_line(tiny_ckpt, image_dir, tmp_path, capsys):

@@ -84,6 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
         parser.add_argument("--out", required=True, metavar="FILE.csv",
                             help="predictions CSV: path,prediction,probability,top<k>_class...,top<k>_prob...")
         parser.add_argument("--topk", type=int, default=5, help="how many ranked classes per image in the CSV (default 5)")
+        parser.add_argument("--overwrite", action="store_true", help="replace an existing --out (refused otherwise)")
     elif name == "eval":
         parser.add_argument("--task", required=True, choices=("zeroshot", "retrieval", "linear-probe"),
                             help="zeroshot: top-1/top-5 on labelled images; retrieval: recall@K on captioned images; "
@@ -105,6 +106,8 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
         parser.add_argument("--out", required=True, metavar="FILE.json", help="JSON report")
         parser.add_argument("--confusion", default=None, metavar="FILE.png",
                             help="zeroshot: write the confusion matrix as a PNG (default <out stem>.confusion.png)")
+        parser.add_argument("--overwrite", action="store_true",
+                            help="replace an existing --out / --confusion (refused otherwise)")
     else:
         raise ValueError(f"clipforge.serve.cli has no sub-command {name!r}")
 
@@ -115,6 +118,13 @@ def _load_model(args):
     if not os.path.exists(args.model):  # a file, or a directory: a training checkpoint or a run's output
         raise FileNotFoundError(f"checkpoint not found: {args.model}")
     return load(args.model, model_name=args.model_name)
+
+
+def _refuse_existing(args, *paths: str | None) -> None:
+    """Outputs are never replaced silently: an existing one needs --overwrite (checked before any work)."""
+    taken = [p for p in paths if p and os.path.exists(p)]
+    if taken and not args.overwrite:
+        raise FileExistsError(f"{taken[0]} exists; pass --overwrite to replace it, or choose another --out")
 
 
 def _common_kwargs(args) -> dict:
@@ -164,6 +174,7 @@ def run_zeroshot(args) -> int:
 
     if args.topk < 1:
         raise ValueError(f"--topk must be at least 1, got {args.topk}")
+    _refuse_existing(args, args.out)
     classes = read_classnames(args.classes)
     templates = get_templates(args.templates)
     paths = list_images(args.images)
@@ -202,6 +213,7 @@ def run_eval(args) -> int:
     if args.task == "zeroshot" and confusion is None:
         stem = args.out[:-5] if args.out.endswith(".json") else args.out
         confusion = f"{stem}.confusion.png"
+    _refuse_existing(args, args.out, confusion if args.task == "zeroshot" else None)
     cfg = EvalConfig(task=args.task, data=args.data, classes=args.classes, templates=args.templates, train=args.train,
                      test=args.test, val_fraction=args.val_fraction, seed=args.seed, max_iter=args.max_iter, ks=ks,
                      batch_size=args.batch_size, device=args.device, amp=not args.no_amp, progress=args.progress,
