@@ -76,6 +76,8 @@ class DataConfig:
         for key in ("num_workers", "token_workers"):
             if int(getattr(self, key)) < 0:
                 raise DataError(f"config key 'data.{key}' must be >= 0, got {getattr(self, key)}")
+        if int(self.seed) < 0:  # the epoch order draws from numpy's SeedSequence([seed, epoch, ...])
+            raise DataError(f"config key 'data.seed' must be >= 0, got {self.seed}")
         for key in ("prefetch", "max_pixels", "num_samples", "num_classes"):
             if int(getattr(self, key)) < 1:
                 raise DataError(f"config key 'data.{key}' must be positive, got {getattr(self, key)}")

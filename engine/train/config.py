@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -142,9 +143,17 @@ class TrainConfig:
     def load(cls, path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> "TrainConfig":
         """Read a YAML run config (or start from the defaults when `path` is None), apply `key.sub=value`
         overrides, and build it strictly."""
+        import yaml
+
         data = load_yaml(path) if path else {}
         for item in overrides:
-            apply_override(data, item)
+            try:
+                apply_override(data, item)
+            except yaml.YAMLError as exc:  # e.g. --set optimizer.lr=[1,
+                key, _, text = item.partition("=")
+                why = getattr(exc, "problem", None) or type(exc).__name__
+                raise ConfigError(f"--set {key}: the value {text!r} is not valid YAML ({why}); fix it, or quote it "
+                                  "if it is a string") from None
         try:
             cfg = cls.from_dict(data)
         except ConfigError as exc:
@@ -177,14 +186,29 @@ class TrainConfig:
         if "grad_checkpointing" in self.model.overrides:
             raise ConfigError("config key 'model.overrides.grad_checkpointing' is a run setting: set "
                               "model.grad_checkpointing instead")
-        if self.optimizer.lr <= 0:
-            raise ConfigError(f"config key 'optimizer.lr' must be positive, got {self.optimizer.lr}")
+        _positive("optimizer.lr", self.optimizer.lr)
+        if self.optimizer.eps is not None:
+            _positive("optimizer.eps", self.optimizer.eps)
+        _at_least("optimizer.weight_decay", self.optimizer.weight_decay, 0)
+        if self.schedule.total_steps is not None:
+            _positive("schedule.total_steps", self.schedule.total_steps)
+        if self.loss.chunk_size is not None:
+            _positive("loss.chunk_size", self.loss.chunk_size)
+        _at_least("evaluation.every_steps", self.evaluation.every_steps, 0, "(0: never)")
+        _positive("evaluation.batches", self.evaluation.batches)
+        _at_least("checkpointing.every_steps", self.checkpointing.every_steps, 0, "(0: only the final checkpoint)")
+        p = self.precision
+        _at_least("precision.initial_scale_power", p.initial_scale_power, 0)
+        for key in ("loss_scale_window", "hysteresis", "min_loss_scale"):
+            _positive(f"precision.{key}", getattr(p, key))
+        for key in ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size"):
+            _positive(f"deepspeed.{key}", getattr(self.deepspeed, key))
+        _at_least("deepspeed.stage3_param_persistence_threshold", self.deepspeed.stage3_param_persistence_threshold, 0)
         if self.optimizer.betas is not None and (
             len(self.optimizer.betas) != 2 or not all(0 <= b < 1 for b in self.optimizer.betas)
         ):
             raise ConfigError(f"config key 'optimizer.betas' must be two numbers in [0, 1), got {self.optimizer.betas}")
-        if self.optimizer.grad_clip < 0:
-            raise ConfigError("config key 'optimizer.grad_clip' must be >= 0 (0 turns clipping off)")
+        _at_least("optimizer.grad_clip", self.optimizer.grad_clip, 0, "(0 turns clipping off)")
         if not 0 <= self.schedule.min_lr_ratio <= 1:
             raise ConfigError("config key 'schedule.min_lr_ratio' must lie in [0, 1]")
         if self.schedule.warmup_steps < 0:
@@ -351,9 +375,18 @@ def _one_of(key: str, value, allowed: tuple) -> None:
         raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, allowed))}, got {value!r}")
 
 
-def _positive(key: str, value: int) -> None:
-    if value <= 0:
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value and abs(value) != math.inf
+
+
+def _positive(key: str, value) -> None:
+    if not _number(value) or value <= 0:  # also null, NaN and infinities (a config built in code)
         raise ConfigError(f"config key '{key}' must be positive, got {value}")
+
+
+def _at_least(key: str, value, low, why: str = "") -> None:
+    if not _number(value) or value < low:
+        raise ConfigError(f"config key '{key}' must be >= {low}{' ' + why if why else ''}, got {value}")
 
 
 def load_yaml(path: str) -> dict:

@@ -50,10 +50,15 @@ def build_config(args) -> TrainConfig:
 
 
 def run(args) -> int:
+    from .preflight import preflight
+
     try:
         cfg = build_config(args)
+        # the whole run resolved (model, shards, packages, folders) before DeepSpeed, the model or the data
+        # start, and before anything is written: a run that cannot finish stops here, exit 2
+        preflight(cfg, resume=args.resume)
     except (ConfigError, FileNotFoundError) as exc:
-        print(f"clipforge train: {exc}", file=sys.stderr)
+        print(f"clipforge train: {' '.join(str(exc).split())}", file=sys.stderr)  # one line, on every rank
         return 2
     init_distributed()  # registers the group's teardown at exit
     from .checkpoint import CheckpointError
