@@ -233,8 +233,8 @@ def test_cli_writes_a_loadable_run_config(tmp_path, capsys):
 
 
 def test_bigg_plan_and_shipped_run_config(traces):
-    """ViT-bigG-14 (OpenCLIP's shapes) at 32,768 on 64 A100-80GB: ZeRO 3 fits with one 512-pair forward
-    per GPU, and configs/vit-bigg-14-32k-64xa100.yaml is that plan and validates at world size 64."""
+    """ViT-bigG-14 (OpenCLIP's shapes) at 32,768 on 64 A100-80GB: `--zero 3` fits with one 512-pair
+    forward per GPU, and configs/vit-bigg-14-32k-64xa100.yaml is that plan and validates at world size 64."""
     import os
 
     t = traces("ViT-bigG-14", "bf16")
@@ -248,6 +248,7 @@ def test_bigg_plan_and_shipped_run_config(traces):
     auto = planner.make_plan("ViT-bigG-14", "A100-80GB", 64, 32768, trace=t)
     assert auto.best is not None and auto.best.memory.total <= auto.capacity
     assert abs(auto.best.step_s - b.step_s) <= 0.05 * b.step_s
+    assert "recommended: ZeRO 2" in planner.format_plan(auto)
     assert "recommended: ZeRO 3" in planner.format_plan(plan)
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -257,3 +258,54 @@ def test_bigg_plan_and_shipped_run_config(traces):
     assert (cfg.batch.micro_size, cfg.deepspeed.zero_stage, cfg.model.grad_checkpointing) == (b.micro, 3, b.ckpt)
     ds = cfg.deepspeed_config(64)
     assert ds["train_batch_size"] == 32768 and ds["zero_optimization"]["stage"] == 3
+
+
+def test_bigg_auto_plan_is_zero2_and_the_zero3_plan_fits(traces):
+    """The automatic pick is the fastest plan that fits: for bigG at 32,768 on 64 A100-80GB, ZeRO 2, since
+    ZeRO 3 gathers the weights in forward and backward (~1.5x the bytes); `--zero 3` fits as well, with the
+    same 512-pair micro-batch, and holds 4.7 GiB less of weights per GPU."""
+    t = traces("ViT-bigG-14", "bf16")
+    auto = planner.make_plan("ViT-bigG-14", "A100-80GB", 64, 32768, trace=t)
+    z3 = planner.make_plan("ViT-bigG-14", "A100-80GB", 64, 32768, zero=3, trace=t)
+    a, b = auto.best, z3.best
+    assert (a.zero, a.micro, a.steps, a.ckpt) == (2, 512, 1, True) and a.memory.total <= auto.capacity
+    assert (b.zero, b.micro, b.steps, b.ckpt) == (3, 512, 1, True) and b.memory.total <= z3.capacity
+    assert z3.max_micro[(3, True)] >= 512 and z3.max_micro[(3, False)] < 512
+    # the ZeRO-3 plan is among the automatic plan's options, slower only by its extra communication
+    same = [o for o in auto.options if (o.zero, o.micro, o.ckpt) == (3, 512, True)]
+    assert len(same) == 1 and same[0].step_s == pytest.approx(b.step_s) and a.step_s < b.step_s
+    assert a.compute_s == pytest.approx(b.compute_s) and b.comm_s > 1.4 * a.comm_s
+
+    def comm(o):
+        return planner.comm_bytes(t.params, "bf16", o.zero, 64, o.steps, 32768, auto.embed, o.steps > 1)
+
+    assert 1.4 < comm(b) / comm(a) < 1.6
+    # ...and it needs less memory per GPU: weights sharded 64 ways (4.73 -> 0.07 GiB), smaller buckets
+    GiB = 1024**3
+    assert round(a.memory.params / GiB, 2) == 4.73 and round(b.memory.params / GiB, 2) == 0.07
+    assert b.memory.total < a.memory.total - 5 * GiB
+    assert a.memory.activations == b.memory.activations
+
+
+def test_shipped_bigg_config_is_what_the_zero3_plan_writes(tmp_path, capsys, monkeypatch, traces):
+    """configs/vit-bigg-14-32k-64xa100.yaml: its model, batch and deepspeed sections are what
+    `clipforge plan ... --zero 3 --write-config` writes (the data path may differ), and its header says so."""
+    import os
+
+    monkeypatch.setattr(planner, "trace_model", lambda name, precision="fp32": traces(name, precision))  # traced once
+    out = tmp_path / "bigg.yaml"
+    argv = ["--model", "ViT-bigG-14", "--gpu", "A100-80GB", "--gpus", "64", "--batch", "32768", "--zero", "3"]
+    assert planner.main(argv + ["--write-config", str(out)]) == 0
+    assert "recommended: ZeRO 3" in capsys.readouterr().out
+    text = out.read_text()
+    # the written header names the command that writes the file again, --zero included
+    assert text.splitlines()[0].startswith("# written by: clipforge plan " + " ".join(argv[:8]))
+    assert " --zero 3 " in text.splitlines()[0]
+    written = yaml.safe_load(text)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    shipped_text = open(os.path.join(root, "configs", "vit-bigg-14-32k-64xa100.yaml")).read()
+    shipped = yaml.safe_load(shipped_text)
+    for section in ("model", "batch", "deepspeed"):
+        assert shipped[section] == written[section], section
+    assert shipped["deepspeed"]["zero_stage"] == 3 and shipped["batch"]["micro_size"] == 512
+    assert "clipforge plan --model ViT-bigG-14 --gpu A100-80GB --gpus 64 --batch 32768 --zero 3" in shipped_text

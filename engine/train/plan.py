@@ -526,11 +526,11 @@ def run(args) -> int:
         print(format_plan(plan))
         if args.write_config:
             import yaml
-
             data = run_config(plan, args.data)
             with open(args.write_config, "w") as f:
                 f.write(f"# written by: clipforge plan --model {args.model} --gpu {args.gpu} --gpus {args.gpus} "
-                        f"--batch {args.batch} --precision {plan.precision}\n"
+                        f"--batch {args.batch} --precision {plan.precision}"
+                        f"{'' if args.zero is None else f' --zero {args.zero}'} --data '{args.data}'\n"
                         f"# set data.path to your shards; launch with deepspeed (see README)\n")
                 yaml.safe_dump(data, f, sort_keys=False)
             print(f"  run config written to {args.write_config}")
