@@ -580,21 +580,68 @@ def test_nonfinite_losses_skip_then_stop(tmp_path, one_rank):
         trainer.train_step((bad, tokens))
 
 
-def test_a_run_stopped_on_nonfinite_losses_leaves_the_earlier_model(tmp_path, one_rank, capsys):
-    """A run that diverges (lr 1e30: NaN losses from step 2) stops with exit 1 and writes no
-    model.safetensors: the earlier, finite one stays, and `load` opens it."""
+def _tree(root) -> dict:
+    """{relative path: bytes} of every file below root."""
+    out = {}
+    for folder, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            out[os.path.relpath(path, root)] = open(path, "rb").read()
+    return out
+
+
+def test_a_used_folder_is_never_clobbered(tmp_path, one_rank, capsys):
+    """A second run into a used folder is refused without a flag (nothing touched); with --force the first
+    run's files are moved aside byte for byte; a run that then diverges (lr 1e30: NaN losses from step 2)
+    stops with exit 1 and writes no model.safetensors, and the earlier model still loads."""
+    import glob
+
     import clipforge
 
     config = write_config(tmp_path, "run", max_steps=2)
     assert run_main(config) == 0
-    model = tmp_path / "run" / "model.safetensors"
-    good = model.read_bytes()
+    first = _tree(tmp_path / "run")
+    assert "model.safetensors" in first and "metrics.jsonl" in first and ".clipforge.lock" not in first
+    capsys.readouterr()
+    assert run_main(config) == 2
+    err = capsys.readouterr().err
+    assert "holds an earlier run" in err and "--resume auto" in err and "--force" in err
+    assert _tree(tmp_path / "run") == first
     diverging = write_config(tmp_path, "run", max_steps=12, max_nonfinite_steps=3, optimizer={"lr": 1e30})
-    assert run_main(diverging) == 1
+    assert run_main(diverging, "--force") == 1
     err = capsys.readouterr().err
     assert "no model.safetensors written (it stopped on non-finite losses)" in err
-    assert model.read_bytes() == good
-    clipforge.load(str(model))  # finite: loads
+    aside, = glob.glob(str(tmp_path / "run.previous-*"))
+    assert "--force: moved the earlier run to " + aside in err
+    assert _tree(aside) == first
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+    clipforge.load(os.path.join(aside, "model.safetensors"))  # finite: loads
+    # --resume and --force together contradict each other
+    assert run_main(config, "--force", "--resume", "auto") == 2
+    assert "pass one of them" in capsys.readouterr().err
+
+
+def test_a_second_live_run_in_the_folder_is_refused(tmp_path, one_rank, capsys):
+    """The folder's lock: a live process's lock refuses the run; a dead one's is taken over."""
+    import json as _json
+    import socket
+
+    from clipforge.train.rundir import LOCK
+
+    config = write_config(tmp_path, "locked", max_steps=1)
+    (tmp_path / "locked").mkdir()
+    lock = tmp_path / "locked" / LOCK
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(_json.dumps({"host": socket.gethostname(), "pid": sleeper.pid, "started": "now"}))
+        assert run_main(config) == 2
+        err = capsys.readouterr().err
+        assert f"in use by another run (pid {sleeper.pid}" in err and not (tmp_path / "locked" / "metrics.jsonl").exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert run_main(config) == 0  # the dead process's lock is stale: taken over
+    assert "took over the stale lock" in capsys.readouterr().err and not lock.exists()
 
 
 @pytest.mark.parametrize("dtype", ["bf16"])

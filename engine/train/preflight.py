@@ -6,7 +6,8 @@ written into the output folder. It reads files and imports packages, never write
 
 - the config's own ranges (`TrainConfig.check`, which runs `DataConfig.check`) and the ones that need
   the number of ranks (`TrainConfig.validate`, the DeepSpeed JSON of `deepspeed.config_file`);
-- the output and checkpoint folders (not empty, not an existing file, creatable);
+- the output and checkpoint folders (not empty, not an existing file, creatable; a used one only with
+  --resume or --force, and none that another live run holds: engine/train/rundir.py);
 - the model: `model.name` is a preset and `model.overrides` build a valid `CLIPConfig` (no module built),
   and synthetic captions fit its context length and vocabulary;
 - webdataset shards: `data.path` / `data.eval_path` expand to existing tars, each readable, and at least
@@ -37,13 +38,17 @@ OPTIONAL_PACKAGES = (
 DALI = ("data.loader", ("nvidia.dali",), "nvidia-dali-cuda120", "--set data.loader=pytorch (or auto)")
 
 
-def preflight(cfg: TrainConfig, resume: str | None = None, world_size: int | None = None) -> None:
+def preflight(cfg: TrainConfig, resume: str | None = None, world_size: int | None = None,
+              force: bool = False) -> None:
     """Refuse, with one sentence naming the key, file or package and the fix (ConfigError), a run
-    that would fail after start-up. Writes nothing."""
+    that would fail after start-up, or clobber an earlier run's folder (engine/train/rundir.py). Writes nothing."""
+    from .rundir import check_free
+
     cfg.check()
     world = world_size if world_size is not None else _world_size()
     cfg.deepspeed_config(world)  # validate(world), and deepspeed.config_file read and checked
     check_output(cfg)
+    check_free(cfg, resume, force)
     model_config = check_model(cfg)
     check_data(cfg, model_config)
     check_packages(cfg)

@@ -27,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", default=None, help="override output_dir")
     parser.add_argument("--resume", default=None, metavar="auto|PATH",
                         help="'auto': continue from the newest complete checkpoint, if any; or a checkpoint path")
+    parser.add_argument("--force", action="store_true",
+                        help="start a fresh run in a used --output-dir: the earlier run's files are first moved "
+                             "to <output-dir>.previous-<time>/ (never deleted)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY.SUB=VALUE",
                         help="override any config key (repeatable), e.g. --set optimizer.lr=1e-4")
     # the deepspeed launcher passes --local_rank (LOCAL_RANK is also in the environment)
@@ -56,12 +59,15 @@ def run(args) -> int:
         cfg = build_config(args)
         # the whole run resolved (model, shards, packages, folders) before DeepSpeed, the model or the data
         # start, and before anything is written: a run that cannot finish stops here, exit 2
-        preflight(cfg, resume=args.resume)
+        preflight(cfg, resume=args.resume, force=args.force)
     except (ConfigError, FileNotFoundError) as exc:
         print(f"clipforge train: {' '.join(str(exc).split())}", file=sys.stderr)  # one line, on every rank
         return 2
     init_distributed()  # registers the group's teardown at exit
+    if not _take_folder(cfg, args.force, args.resume):
+        return 2
     from .checkpoint import CheckpointError
+    from .rundir import release
     from ..data.config import DataError
 
     try:
@@ -73,6 +79,27 @@ def run(args) -> int:
     except DataError as exc:  # e.g. an epoch with no usable sample left: one sentence, no traceback
         print(f"clipforge train: {exc}", file=sys.stderr)
         return 1
+    finally:
+        if dist.get_rank() == 0:
+            release(cfg.output_dir)
+
+
+def _take_folder(cfg: TrainConfig, force: bool, resume: str | None) -> bool:
+    """Rank 0 moves an earlier run aside (--force) and takes the folder's lock; every rank learns the outcome."""
+    from . import rundir
+
+    failed = None
+    if dist.get_rank() == 0:
+        try:
+            for note in rundir.prepare(cfg, force, resume):
+                print(f"clipforge train: {note}", file=sys.stderr)
+        except (ConfigError, OSError) as exc:
+            failed = str(exc)
+            print(f"clipforge train: {failed}", file=sys.stderr)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    flag = torch.tensor([0 if failed is None else 1], device=device)
+    dist.broadcast(flag, src=0)
+    return not bool(flag.item())
 
 
 # ---------------------------------------------------------------------------------- the run

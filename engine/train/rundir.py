@@ -1,0 +1,139 @@
+"""The run folder's guards: a used folder is never clobbered, and one live run writes into a folder.
+
+- A folder that holds a run (any of USED, or checkpoints in `checkpointing.dir`) needs `--resume`
+  (continue it) or `--force` (a fresh run; the old contents are first renamed to
+  `<folder>.previous-<time>/`, byte for byte, never deleted; so are they when `--resume auto` finds no
+  complete checkpoint and starts fresh). The preflight refuses anything else, before any work starts.
+- A lock file (`<output_dir>/.clipforge.lock`: host, pid, start time) refuses a second live run in the
+  same folder. A lock whose process is gone (same host) is stale and taken over, with a message; a lock
+  of another host cannot be checked from here and is refused, naming the file to remove if that run is
+  dead. Rank 0 takes it after the process group exists (all ranks then agree on the outcome) and drops
+  it when the process exits.
+"""
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import socket
+import time
+
+from .config import ConfigError, TrainConfig
+
+USED = ("metrics.jsonl", "config.yaml", "deepspeed_config.json", "model.safetensors", "checkpoints", "tensorboard",
+        "data_stats.json", "summary.json", "loss_curve.png")
+LOCK = ".clipforge.lock"
+
+
+def _ckpt_entries(path: str) -> list[str]:
+    if not os.path.isdir(path):
+        return []
+    return sorted(n for n in os.listdir(path) if n.startswith(("step_", ".tmp-step_")))
+
+
+def used_entries(cfg: TrainConfig) -> list[str]:
+    """What of an earlier run the output folder (and a separate checkpoint folder) holds."""
+    out = cfg.output_dir
+    found = [n for n in USED if os.path.lexists(os.path.join(out, n))]
+    if os.path.isdir(os.path.join(out, "checkpoints")) and not os.listdir(os.path.join(out, "checkpoints")):
+        found.remove("checkpoints")  # an empty folder is no run
+    own = os.path.join(out, "checkpoints")
+    if os.path.abspath(cfg.checkpoint_dir) != os.path.abspath(own) and _ckpt_entries(cfg.checkpoint_dir):
+        found.append(f"checkpoints in {cfg.checkpoint_dir}")
+    return found
+
+
+def read_lock(out: str) -> dict | None:
+    try:
+        with open(os.path.join(out, LOCK)) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {"host": "?", "pid": -1, "started": "?"}  # unreadable: treated as another host's
+
+
+def _alive(lock: dict) -> bool:
+    if lock.get("host") != socket.gethostname():
+        return True  # another machine's process cannot be checked from here
+    if lock.get("pid") == os.getpid():
+        return False  # this process's own, left by an earlier run in it that did not release it
+    try:
+        os.kill(int(lock["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError, TypeError, KeyError):
+        return True
+    return True
+
+
+def check_free(cfg: TrainConfig, resume: str | None, force: bool) -> None:
+    """Preflight: refuse (ConfigError) a run that would clobber a used folder or share it with a live run."""
+    if force and resume:
+        raise ConfigError("--force starts a fresh run and --resume continues one: pass one of them")
+    lock = read_lock(cfg.output_dir)
+    if lock is not None and _alive(lock):
+        raise ConfigError(
+            f"{cfg.output_dir} is in use by another run (pid {lock.get('pid')} on {lock.get('host')}, started "
+            f"{lock.get('started')}); wait for it, stop it, or choose another --output-dir (if that run is dead, "
+            f"delete {os.path.join(cfg.output_dir, LOCK)})")
+    used = used_entries(cfg)
+    if used and not resume and not force:
+        raise ConfigError(
+            f"{cfg.output_dir} holds an earlier run ({', '.join(used)}): pass --resume auto to continue it, --force "
+            "to start a fresh run there (the earlier files are moved to a .previous-<time> folder beside it), or "
+            "choose another --output-dir")
+
+
+def _aside(path: str) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target, n = f"{os.path.normpath(path)}.previous-{stamp}", 1
+    while os.path.lexists(target):
+        n += 1
+        target = f"{os.path.normpath(path)}.previous-{stamp}-{n}"
+    os.rename(path, target)
+    return target
+
+
+def prepare(cfg: TrainConfig, force: bool, resume: str | None = None) -> list[str]:
+    """Rank 0, after the preflight: move the earlier run aside when this one starts fresh in its folder
+    (--force, or --resume auto finding no complete checkpoint: a job requeued before its first checkpoint
+    restarts, and the earlier attempt's files are kept), then take the lock. Returns messages for the log;
+    raises ConfigError when another run took the folder meanwhile."""
+    from .checkpoint import find_latest
+
+    notes = []
+    fresh = force or (resume == "auto" and find_latest(cfg.checkpoint_dir) is None)
+    if fresh and used_entries(cfg):
+        own = os.path.join(cfg.output_dir, "checkpoints")
+        if os.path.abspath(cfg.checkpoint_dir) != os.path.abspath(own) and _ckpt_entries(cfg.checkpoint_dir):
+            notes.append(f"--force: moved the earlier checkpoints to {_aside(cfg.checkpoint_dir)}")
+        if os.path.isdir(cfg.output_dir):
+            notes.append(f"--force: moved the earlier run to {_aside(cfg.output_dir)}")
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    path = os.path.join(cfg.output_dir, LOCK)
+    lock = read_lock(cfg.output_dir)
+    if lock is not None and not _alive(lock):
+        notes.append(f"took over the stale lock of pid {lock.get('pid')} (no longer running) in {path}")
+        os.remove(path)
+    record = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        other = read_lock(cfg.output_dir) or {}
+        raise ConfigError(f"{cfg.output_dir} was taken by another run as this one started (pid {other.get('pid')} "
+                          f"on {other.get('host')}); choose another --output-dir") from None
+    with os.fdopen(fd, "w") as f:
+        json.dump(record, f)
+    atexit.register(release, cfg.output_dir, os.getpid())
+    return notes
+
+
+def release(out: str, pid: int | None = None) -> None:
+    """Drop the lock if this process holds it."""
+    lock = read_lock(out)
+    if lock is not None and lock.get("pid") == (pid or os.getpid()) and lock.get("host") == socket.gethostname():
+        try:
+            os.remove(os.path.join(out, LOCK))
+        except FileNotFoundError:
+            pass
