@@ -517,6 +517,26 @@ def test_resume_survives_a_torn_metrics_log(tmp_path, one_rank):
     assert [r["step"] for r in read_metrics(tmp_path / "torn")] == [1, 2, 3]
 
 
+def test_a_damaged_newest_checkpoint_is_skipped_for_the_intact_one(tmp_path, one_rank, capsys):
+    """A checkpoint file cut short after the write (a full disk, a lost file): --resume auto warns and
+    continues from the newest intact checkpoint; naming the damaged one is refused in one sentence."""
+    sections = dict(batch={"micro_size": 8}, max_steps=4, checkpointing={"every_steps": 2, "keep_last": 2})
+    config = write_config(tmp_path, "dmg", **sections)
+    assert run_main(config) == 0
+    ckpts = tmp_path / "dmg" / "checkpoints"
+    states = ckpts / "step_000004" / "ds" / "mp_rank_00_model_states.pt"
+    states.write_bytes(states.read_bytes()[: states.stat().st_size // 2])
+    capsys.readouterr()
+    assert run_main(config, "--resume", str(ckpts / "step_000004")) == 2
+    err = capsys.readouterr().err
+    assert "step_000004: this checkpoint is damaged (ds/mp_rank_00_model_states.pt holds" in err
+    with pytest.warns(RuntimeWarning, match="step_000004 is damaged .*skipping it"):
+        assert run_main(config, "--resume", "auto", "--max-steps", "5") == 0
+    out = capsys.readouterr()
+    assert "resumed from " + str(ckpts / "step_000002") + " at step 2" in out.out + out.err
+    assert [r["step"] for r in read_metrics(tmp_path / "dmg")] == [1, 2, 3, 4, 5]
+
+
 def test_trainer_state_loads_with_weights_only(tmp_path, one_rank):
     from clipforge.train.checkpoint import load_trainer_state, save_trainer_state
     from clipforge.train.config import TrainConfig

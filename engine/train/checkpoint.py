@@ -6,8 +6,10 @@ reads them: `clipforge.load(<dir>/step_000123)` and `clipforge eval --model <dir
     trainer_rank{r}.pt       each rank's trainer state: step, samples seen, data position, RNG states
     model.safetensors        the full weights in fp32 with the model config (as the run's final
                              model.safetensors): what `clipforge.load` reads of a checkpoint
-    COMPLETE                 written last, holds the step; a directory without it is never resumed from
-                             nor loaded
+    COMPLETE                 written last: the step, then every file with its size; a directory without
+                             it is never resumed from nor loaded, and one whose files differ from that
+                             list (cut short by a full disk, lost) is skipped by --resume auto for the
+                             newest intact one, with a warning
 
 model.safetensors costs one fp32 copy of the weights per checkpoint, beside DeepSpeed's files (weights,
 fp32 master copy and Adam's two moments): 4 bytes a parameter, e.g. ~10 GB for ViT-bigG-14 (2.5 B
@@ -55,10 +57,48 @@ def model_path(path: str) -> str:
     return os.path.join(path, MODEL_FILE)
 
 
+def _manifest(path: str) -> list[tuple[int, str]]:
+    """(size, relative path) of every file of a checkpoint being finalized."""
+    out = []
+    for folder, _, files in os.walk(path):
+        for name in files:
+            full = os.path.join(folder, name)
+            out.append((os.path.getsize(full), os.path.relpath(full, path)))
+    return sorted(out, key=lambda e: e[1])
+
+
+def damage(path: str) -> str | None:
+    """Why a complete checkpoint cannot be resumed from, or None: COMPLETE lists every file with its size
+    (a file cut short by a full disk, or lost, shows here without reading the checkpoint)."""
+    try:
+        with open(os.path.join(path, COMPLETE)) as f:
+            lines = f.read().splitlines()
+    except OSError as exc:
+        return f"its {COMPLETE} marker cannot be read ({exc.strerror or exc})"
+    listed = [line.split(" ", 1) for line in lines[1:] if line.strip()]
+    if not listed and not os.path.isfile(trainer_state_path(path, 0)):  # a marker of before the listing
+        return f"it holds no {os.path.basename(trainer_state_path(path, 0))}"
+    for size, rel in listed:
+        full = os.path.join(path, rel)
+        if not os.path.isfile(full):
+            return f"{rel} is missing"
+        if os.path.getsize(full) != int(size):
+            return f"{rel} holds {os.path.getsize(full):,} bytes, {int(size):,} were written"
+    return None
+
+
 def find_latest(directory: str) -> str | None:
-    """The newest complete checkpoint in `directory`, or None when there is none."""
-    done = list_complete(directory)
-    return done[-1][1] if done else None
+    """The newest intact complete checkpoint in `directory`, or None when there is none; a damaged newer
+    one is skipped with a warning naming what is wrong with it."""
+    import warnings
+
+    for _, path in reversed(list_complete(directory)):
+        why = damage(path)
+        if why is None:
+            return path
+        warnings.warn(f"checkpoint {path} is damaged ({why}); skipping it for the newest intact one",
+                      RuntimeWarning, stacklevel=2)
+    return None
 
 
 def resolve_resume(resume: str | None, directory: str) -> str | None:
@@ -79,6 +119,10 @@ def resolve_resume(resume: str | None, directory: str) -> str | None:
         return latest
     if not os.path.isdir(path):
         raise CheckpointError(f"--resume {path}: no such checkpoint directory")
+    why = damage(path)
+    if why is not None:
+        raise CheckpointError(f"--resume {path}: this checkpoint is damaged ({why}); pass an earlier one, or "
+                              "--resume auto for the newest intact one")
     return path
 
 
@@ -118,8 +162,9 @@ def finalize(directory: str, step: int, keep_last: int) -> str:
     """Rank 0 only, after every rank has written: mark complete, rename into place, prune old ones."""
     src = tmp_path(directory, step)
     dst = os.path.join(directory, checkpoint_name(step))
+    listing = "".join(f"{size} {rel}\n" for size, rel in _manifest(src))
     with open(os.path.join(src, COMPLETE), "w") as f:
-        f.write(f"{step}\n")
+        f.write(f"{step}\n{listing}")  # the step, then every file with its size (see `damage`)
         f.flush()
         os.fsync(f.fileno())
     if os.path.exists(dst):  # the same step saved twice (e.g. final save right after a periodic one)
