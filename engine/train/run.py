@@ -130,9 +130,21 @@ def train(cfg: TrainConfig, resume: str | None = None, grad_hook=None) -> int:
     """Run training to cfg.max_steps; returns the exit status (0 done, 1 stopped on non-finite losses).
 
     `grad_hook(trainer)`, if given, runs every step between the last backward and the optimizer step
-    (see `Trainer.grad_hook`)."""
+    (see `Trainer.grad_hook`). SIGTERM / SIGINT on any rank: every rank checkpoints after its step and the
+    run returns 143 / 130 (128 + the signal; engine/train/signals.py)."""
+    from .signals import StopOnSignal
+
+    stop = StopOnSignal().install()  # from here a SIGTERM / SIGINT asks for a checkpoint and a stop
+    try:
+        return _train(cfg, resume, grad_hook, stop)
+    finally:
+        stop.close()
+
+
+def _train(cfg: TrainConfig, resume, grad_hook, stop) -> int:
     from . import checkpoint
     from ..model.weights import save_state_dict
+    from .signals import exit_code, release_shm, signal_name
     from .trainer import NonFiniteLossError, Trainer
 
     rank = dist.get_rank()
@@ -151,9 +163,12 @@ def train(cfg: TrainConfig, resume: str | None = None, grad_hook=None) -> int:
     elif resume == "auto":
         log.message(f"--resume auto: no complete checkpoint in {cfg.checkpoint_dir}, starting fresh")
     last_saved = trainer.step if resume_path is not None else None
-    status = 0
+    last_path, status, stopped = resume_path, 0, 0
     try:
         while trainer.step < cfg.max_steps:
+            stopped = stop.agreed(trainer.device)  # collective: did any rank get SIGTERM / SIGINT?
+            if stopped:
+                break
             metrics = trainer.train_step()
             every = cfg.evaluation.every_steps
             if every and trainer.step % every == 0:
@@ -161,7 +176,7 @@ def train(cfg: TrainConfig, resume: str | None = None, grad_hook=None) -> int:
             log.write(metrics)
             every = cfg.checkpointing.every_steps
             if every and trainer.step % every == 0:
-                save(trainer, cfg)
+                last_path = save(trainer, cfg)
                 last_saved = trainer.step
     except NonFiniteLossError as exc:
         if rank == 0:
@@ -169,6 +184,16 @@ def train(cfg: TrainConfig, resume: str | None = None, grad_hook=None) -> int:
         status = 1
     finally:
         log.close()
+    if stopped:  # a checkpoint of this step on every rank (unless the last one is), the shm released, 128 + signal
+        if last_saved != trainer.step and trainer.step > 0:
+            last_path = save(trainer, cfg)
+        release_shm()
+        if rank == 0:
+            why = stop.reason if stop.signum else f"{signal_name(stopped)} on another rank"
+            where = f"checkpoint {last_path}" if last_path else "no checkpoint (no step trained)"
+            print(f"clipforge train: {why}: stopped at step {trainer.step}, {where}; continue with --resume auto "
+                  f"(exit {exit_code(stopped)})", file=sys.stderr)
+        return exit_code(stopped)
     if status == 0 and cfg.checkpointing.save_final and last_saved != trainer.step:
         save(trainer, cfg)
     report = trainer.data_report()  # collective
