@@ -458,6 +458,83 @@ def _write_shards(folder, n_shards=2, per_shard=12):
                     tar.addfile(info, io.BytesIO(payload))
 
 
+def _plant_corrupt(tar_path, n_bad: int, n_empty: int) -> None:
+    """Append samples a validator must skip: undecodable JPEGs and empty captions."""
+    import io
+    import tarfile
+
+    with tarfile.open(tar_path, "a") as tar:
+        for i in range(n_bad + n_empty):
+            bad = i < n_bad
+            members = (("jpg", b"\xff\xd8 not really a jpeg"), ("txt", b"a caption")) if bad else \
+                (("jpg", _solid_jpeg()), ("txt", b"   "))
+            for ext, payload in members:
+                info = tarfile.TarInfo(f"planted{i:03d}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+
+
+def _solid_jpeg() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 36), (10, 200, 30)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def test_the_summary_counts_steps_samples_and_skips_by_shard(tmp_path, one_rank, capsys):
+    """summary.json: steps, samples, checkpoints, and the planted corrupt samples by reason and by shard."""
+    _write_shards(tmp_path / "shards")
+    _plant_corrupt(tmp_path / "shards" / "00001.tar", n_bad=3, n_empty=2)
+    config = write_config(
+        tmp_path, "sum", max_steps=3, schedule={"warmup_steps": 1, "total_steps": 3},
+        data={"kind": "webdataset", "path": str(tmp_path / "shards"), "loader": "pytorch", "num_workers": 0,
+              "cache_dir": str(tmp_path / "cache")},
+        batch={"global_size": 8, "micro_size": 4}, checkpointing={"every_steps": 2, "save_final": True})
+    assert run_main(config) == 0
+    summary = json.loads((tmp_path / "sum" / "summary.json").read_text())
+    assert summary["status"] == 0 and summary["step"] == 3 and summary["steps_run"] == 3
+    assert summary["samples_seen"] == 24 and summary["samples_per_s"] > 0 and summary["nonfinite_steps_skipped"] == 0
+    assert [os.path.basename(p) for p in summary["checkpoints_written"]] == ["step_000002", "step_000003"]
+    skipped = summary["data"]["skipped"]
+    assert sum(skipped.values()) == 5, skipped
+    assert summary["data"]["skipped_by_shard"] == {"00001.tar": skipped}
+    err = capsys.readouterr().err
+    assert "3 steps (to step 3), 24 samples" in err and "5 samples skipped" in err and "summary.json" in err
+
+
+def test_a_checkpoint_that_cannot_be_written_leaves_nothing_partial(tmp_path, one_rank, monkeypatch, capsys):
+    """A full disk during a checkpoint: one sentence naming it, the partial temporary checkpoint removed,
+    the previous checkpoint intact; a resume that then fails leaves the folder's config as it was."""
+    from clipforge.train.trainer import Trainer
+
+    config = write_config(tmp_path, "full", max_steps=4, batch={"micro_size": 8},
+                          checkpointing={"every_steps": 2, "keep_last": 3})
+    real = Trainer.save_checkpoint
+
+    def disk_full(self, path):
+        if self.step == 4:
+            (open(os.path.join(path, "trainer_rank0.pt"), "wb")).write(b"partial")
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 7424 vs 7316")
+        return real(self, path)
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", disk_full)
+    capsys.readouterr()
+    assert run_main(config) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "writing checkpoint" in err and ".tmp-step_000004 failed (RuntimeError: " in err and "a full disk?" in err
+    ckpts = tmp_path / "full" / "checkpoints"
+    assert sorted(os.listdir(ckpts)) == ["step_000002"]
+    monkeypatch.setattr(Trainer, "save_checkpoint", real)
+    before = (tmp_path / "full" / "config.yaml").read_bytes()
+    states = ckpts / "step_000002" / "ds" / "mp_rank_00_model_states.pt"
+    states.write_bytes(bytes(states.stat().st_size))  # same size, unreadable: the resume itself fails
+    assert run_main(config, "--resume", str(ckpts / "step_000002"), "--set", "optimizer.lr=1e-3") == 2
+    assert (tmp_path / "full" / "config.yaml").read_bytes() == before
+
+
 def test_webdataset_shards_train_and_resume(tmp_path, one_rank):
     """Shards through clipforge.data (PyTorch/Pillow loader): 4 steps across an epoch boundary equal
     2 steps + --resume auto for 2 (the loader's position is part of the trainer state)."""

@@ -63,9 +63,11 @@ class Catalog:
 
     CACHE_SHARDS = 4
 
-    def __init__(self, refs: list[ShardRef], skipped=None, repaired=None, skipped_at_make_shards=None):
+    def __init__(self, refs: list[ShardRef], skipped=None, repaired=None, skipped_at_make_shards=None,
+                 skipped_by_shard=None):
         self.refs = refs
         self.skipped = Counter(skipped or {})  # read-time validation, data-set wide
+        self.skipped_by_shard = dict(skipped_by_shard or {})  # {shard file name: {reason: count}}
         self.repaired = Counter(repaired or {})
         self.skipped_at_make_shards = Counter(skipped_at_make_shards or {})
         self._pid, self._cache = None, {}
@@ -289,7 +291,7 @@ def build_catalog(spec, *, cache_dir: str | None = None, max_pixels: int = DEFAU
     cache_dir = cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
                                           "clipforge", "shards")
     refs: list[ShardRef | None] = [None] * len(paths)
-    skipped, repaired, at_make_shards = Counter(), Counter(), Counter()
+    skipped, repaired, at_make_shards, by_shard = Counter(), Counter(), Counter(), {}
     stats_cache: dict = {}
     claimed, untrusted = [], []
     for i, p in enumerate(paths):
@@ -317,7 +319,9 @@ def build_catalog(spec, *, cache_dir: str | None = None, max_pixels: int = DEFAU
             refs[i] = ShardRef(paths[i], count, meta_path)
             skipped.update(sk)
             repaired.update(rp)
-    cat = Catalog(refs, skipped, repaired, at_make_shards)
+            if sk:
+                by_shard[os.path.basename(paths[i])] = dict(sk)
+    cat = Catalog(refs, skipped, repaired, at_make_shards, by_shard)
     if int(cat.counts.sum()) == 0:
         raise DataError(f"no usable sample in data.path = {spec!r} (skipped: {dict(cat.skipped)})")
     return cat

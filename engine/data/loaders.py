@@ -298,14 +298,15 @@ class _Loader:
     def stats(self) -> dict:
         """Skip counters: dataset-wide validation counts, and this rank's run-time counts."""
         return {"skipped": dict(self.catalog.skipped), "repaired": dict(self.catalog.repaired),
+                "skipped_by_shard": dict(self.catalog.skipped_by_shard),
                 "skipped_at_make_shards": dict(self.catalog.skipped_at_make_shards),
                 "runtime": dict(self.runtime), "vanished": sorted(self._gone), "delivered": self.delivered}
 
     def log_dict(self) -> dict:
         out = {}
         for group, values in self.stats.items():
-            if isinstance(values, list):
-                continue  # names (stats["vanished"]): counted in runtime
+            if isinstance(values, list) or group == "skipped_by_shard":
+                continue  # names (stats["vanished"]): counted in runtime; per shard: in the run's summary
             if isinstance(values, dict):
                 out.update({f"data/{group}/{k}": v for k, v in values.items()})
             else:

@@ -137,6 +137,20 @@ def prepare_tmp(directory: str, step: int, rank: int) -> str:
     return path
 
 
+def write_failed(tmp: str, exc: Exception) -> CheckpointError:
+    """The one sentence of a checkpoint write that failed (a full disk, mostly: DeepSpeed's torch.save
+    reports it as "unexpected pos ..."); the partial temporary checkpoint is removed first."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    detail = (str(exc) or type(exc).__name__).splitlines()[0][:200]
+    try:
+        free = f"{shutil.disk_usage(os.path.dirname(tmp)).free / 2**30:.2f} GiB free there"
+    except OSError:
+        free = "free space unknown"
+    return CheckpointError(f"writing checkpoint {tmp} failed ({type(exc).__name__}: {detail}; {free}: a full disk?); "
+                           "its partial files were removed and the previous checkpoint is intact: free space, then "
+                           "continue with --resume auto")
+
+
 def save_trainer_state(path: str, rank: int, state: dict) -> None:
     target = trainer_state_path(path, rank)
     torch.save(state, target + ".part")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import warnings
 
 from .config import TrainConfig
@@ -116,3 +117,27 @@ def plot_loss_curve(metrics_path: str, png_path: str) -> None:
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
+
+
+# --------------------------------------------------------------------------------- the run's summary
+def write_summary(output_dir: str, summary: dict) -> str:
+    """summary.json in the run folder (written whole, then renamed) and its headline on stderr: steps,
+    samples, wall time, throughput, skipped non-finite steps, checkpoints, and the data's skip counts by
+    reason and by shard (validation) and at run time (summed over ranks)."""
+    path = os.path.join(output_dir, "summary.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(summary, f, indent=1)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
+    data = summary.get("data") or {}
+    skipped = sum((data.get("skipped") or {}).values()) + sum((data.get("runtime") or {}).get(k, 0)
+                                                              for k in ("read_error", "decode_error"))
+    parts = [f"{summary['steps_run']} steps (to step {summary['step']})", f"{summary['samples_seen']:,} samples",
+             f"{summary['wall_s']:.1f} s", f"{summary['samples_per_s']:.1f} samples/s",
+             f"{summary['nonfinite_steps_skipped']} non-finite steps skipped",
+             f"{len(summary['checkpoints_written'])} checkpoints written"]
+    if data:
+        parts.append(f"{skipped} samples skipped" + (f" ({', '.join(f'{k} {v}' for k, v in data['skipped'].items())})"
+                                                     if data.get("skipped") else ""))
+    print(f"clipforge train: {', '.join(parts)}; {path}", file=sys.stderr)
+    return path

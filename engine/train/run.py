@@ -12,12 +12,13 @@ import argparse
 import json
 import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
 
 from .config import ConfigError, TrainConfig
-from .metrics import RunLog, plot_loss_curve
+from .metrics import RunLog, plot_loss_curve, write_summary
 from .distributed import init_distributed
 
 
@@ -113,11 +114,14 @@ def save(trainer, cfg: TrainConfig) -> str | None:
     directory = cfg.checkpoint_dir
     tmp = checkpoint.prepare_tmp(directory, trainer.step, trainer.rank)
     dist.barrier()
-    trainer.save_checkpoint(tmp)
-    weights = trainer.full_state_dict(rank0_only=True)  # collective under ZeRO 3
-    if trainer.rank == 0:
-        save_state_dict(weights, trainer.model_config, checkpoint.model_path(tmp))
-    del weights
+    try:
+        trainer.save_checkpoint(tmp)
+        weights = trainer.full_state_dict(rank0_only=True)  # collective under ZeRO 3
+        if trainer.rank == 0:
+            save_state_dict(weights, trainer.model_config, checkpoint.model_path(tmp))
+        del weights
+    except Exception as exc:  # a full disk, mostly: nothing partial is left to fill it further
+        raise checkpoint.write_failed(tmp, exc) from None
     dist.barrier()
     final = None
     if trainer.rank == 0:
@@ -148,15 +152,17 @@ def _train(cfg: TrainConfig, resume, grad_hook, stop) -> int:
     from .trainer import NonFiniteLossError, Trainer
 
     rank = dist.get_rank()
-    if rank == 0:
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        _write_resolved_config(cfg, dist.get_world_size())
-    dist.barrier()
+    started = time.time()
     resume_path = checkpoint.resolve_resume(resume, cfg.checkpoint_dir)
     trainer = Trainer(cfg)
     trainer.grad_hook = grad_hook
     if resume_path is not None:
         trainer.load_checkpoint(resume_path)
+    if rank == 0:  # only once the run stands (a resume that fails leaves the folder's config as it was)
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        _write_resolved_config(cfg, dist.get_world_size())
+    dist.barrier()
+    first_step, first_samples, written = trainer.step, trainer.samples_seen, []
     log = RunLog(cfg, trainer.step, enabled=rank == 0)
     if resume_path is not None:
         log.message(f"resumed from {resume_path} at step {trainer.step}")
@@ -178,6 +184,7 @@ def _train(cfg: TrainConfig, resume, grad_hook, stop) -> int:
             if every and trainer.step % every == 0:
                 last_path = save(trainer, cfg)
                 last_saved = trainer.step
+                written.append(last_path)
     except NonFiniteLossError as exc:
         if rank == 0:
             print(f"clipforge train: stopped at step {trainer.step}: {exc}", file=sys.stderr)
@@ -187,6 +194,11 @@ def _train(cfg: TrainConfig, resume, grad_hook, stop) -> int:
     if stopped:  # a checkpoint of this step on every rank (unless the last one is), the shm released, 128 + signal
         if last_saved != trainer.step and trainer.step > 0:
             last_path = save(trainer, cfg)
+            written.append(last_path)
+        report = trainer.data_report()  # collective
+        if rank == 0:
+            _summary(cfg, trainer, exit_code(stopped), started, first_step, first_samples, resume_path, written,
+                     report)
         release_shm()
         if rank == 0:
             why = stop.reason if stop.signum else f"{signal_name(stopped)} on another rank"
@@ -195,7 +207,7 @@ def _train(cfg: TrainConfig, resume, grad_hook, stop) -> int:
                   f"(exit {exit_code(stopped)})", file=sys.stderr)
         return exit_code(stopped)
     if status == 0 and cfg.checkpointing.save_final and last_saved != trainer.step:
-        save(trainer, cfg)
+        written.append(save(trainer, cfg))
     report = trainer.data_report()  # collective
     if rank == 0 and report is not None:
         _report_data(report, cfg.output_dir)
@@ -214,8 +226,21 @@ def _train(cfg: TrainConfig, resume, grad_hook, stop) -> int:
             save_state_dict(weights, trainer.model_config, model_path)
         if cfg.logging.plot and os.path.exists(log.path):
             plot_loss_curve(log.path, os.path.join(cfg.output_dir, "loss_curve.png"))
+        _summary(cfg, trainer, status, started, first_step, first_samples, resume_path, written, report)
     dist.barrier()
     return status
+
+
+def _summary(cfg, trainer, status, started, first_step, first_samples, resume_path, written, report) -> None:
+    """summary.json and its line: what this run did (engine/train/metrics.py: write_summary)."""
+    wall = time.time() - started
+    samples = trainer.samples_seen - first_samples
+    write_summary(cfg.output_dir, {
+        "status": status, "step": trainer.step, "steps_run": trainer.step - first_step, "resumed_from": resume_path,
+        "samples_seen": trainer.samples_seen, "samples_this_run": samples, "wall_s": round(wall, 3),
+        "samples_per_s": round(samples / wall, 3) if wall > 0 else 0.0,
+        "nonfinite_steps_skipped": trainer.nonfinite_total, "checkpoints_written": [p for p in written if p],
+        "data": report})
 
 
 def _report_data(report: dict, output_dir: str) -> None:
@@ -234,10 +259,13 @@ def _report_data(report: dict, output_dir: str) -> None:
 def _write_resolved_config(cfg: TrainConfig, world_size: int) -> None:
     import yaml
 
-    with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
-        yaml.safe_dump(json.loads(json.dumps(cfg.to_dict())), f, sort_keys=False)
-    with open(os.path.join(cfg.output_dir, "deepspeed_config.json"), "w") as f:
-        json.dump(cfg.deepspeed_config(world_size), f, indent=2)
+    for name, write in (("config.yaml", lambda f: yaml.safe_dump(json.loads(json.dumps(cfg.to_dict())), f,
+                                                                   sort_keys=False)),
+                        ("deepspeed_config.json", lambda f: json.dump(cfg.deepspeed_config(world_size), f, indent=2))):
+        path = os.path.join(cfg.output_dir, name)
+        with open(path + ".tmp", "w") as f:
+            write(f)
+        os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":
