@@ -614,6 +614,30 @@ def test_a_damaged_newest_checkpoint_is_skipped_for_the_intact_one(tmp_path, one
     assert [r["step"] for r in read_metrics(tmp_path / "dmg")] == [1, 2, 3, 4, 5]
 
 
+def test_checkpoints_of_different_runs_never_mix(tmp_path, one_rank, capsys):
+    """Two runs sharing a checkpointing.dir: --resume auto in the second folder refuses the first run's
+    checkpoints (never continues another run under this config); --force moves them aside; the second
+    run's checkpoints carry its id and --resume auto continues them."""
+    from clipforge.train.checkpoint import run_of
+
+    shared = str(tmp_path / "shared-ckpts")
+    sections = dict(batch={"micro_size": 8}, max_steps=2,
+                    checkpointing={"every_steps": 2, "keep_last": 1, "dir": shared})
+    first = write_config(tmp_path, "first", **sections)
+    assert run_main(first) == 0
+    theirs = os.path.join(shared, "step_000002")
+    assert run_of(theirs)["output_dir"] == str(tmp_path / "first")
+    second = write_config(tmp_path, "second", **sections)
+    capsys.readouterr()
+    assert run_main(second, "--resume", "auto") == 2
+    assert "written by another run" in capsys.readouterr().err
+    assert run_main(second, "--force", "--max-steps", "4") == 0  # moves the shared folder aside, starts fresh
+    assert run_main(second, "--resume", "auto", "--max-steps", "6") == 0  # its own checkpoints: continues
+    assert [r["step"] for r in read_metrics(tmp_path / "second")] == [1, 2, 3, 4, 5, 6]
+    own = sorted(os.listdir(shared))
+    assert own == ["step_000006"] and run_of(os.path.join(shared, own[0]))["output_dir"] == str(tmp_path / "second")
+
+
 def test_trainer_state_loads_with_weights_only(tmp_path, one_rank):
     from clipforge.train.checkpoint import load_trainer_state, save_trainer_state
     from clipforge.train.config import TrainConfig

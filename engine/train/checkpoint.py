@@ -28,6 +28,7 @@ The trainer state is plain tensors, numbers and lists, saved with torch.save and
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -87,12 +88,36 @@ def damage(path: str) -> str | None:
     return None
 
 
-def find_latest(directory: str) -> str | None:
-    """The newest intact complete checkpoint in `directory`, or None when there is none; a damaged newer
-    one is skipped with a warning naming what is wrong with it."""
+RUN = "RUN"  # a checkpoint's run: {"run_id", "output_dir"} of the run that wrote it
+RUN_ID = "run_id"  # the run folder's id (train/rundir.py writes it when a run starts fresh)
+
+
+def run_of(path: str) -> dict | None:
+    """The run that wrote checkpoint `path` ({"run_id", "output_dir"}), None for one of before run ids."""
+    try:
+        with open(os.path.join(path, RUN)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def folder_run_id(output_dir: str) -> str | None:
+    try:
+        with open(os.path.join(output_dir, RUN_ID)) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def find_latest(directory: str, run_id: str | None = None) -> str | None:
+    """The newest intact complete checkpoint in `directory` (of run `run_id` when given: checkpoints of
+    other runs are passed over), or None; a damaged one is skipped with a warning naming what is wrong."""
     import warnings
 
     for _, path in reversed(list_complete(directory)):
+        run = run_of(path)
+        if run_id is not None and run is not None and run.get("run_id") != run_id:
+            continue
         why = damage(path)
         if why is None:
             return path
@@ -101,12 +126,23 @@ def find_latest(directory: str) -> str | None:
     return None
 
 
-def resolve_resume(resume: str | None, directory: str) -> str | None:
-    """`--resume auto` -> the newest complete checkpoint (None to start fresh); a path -> that checkpoint."""
+def resolve_resume(resume: str | None, directory: str, output_dir: str | None = None) -> str | None:
+    """`--resume auto` -> the newest intact complete checkpoint of this folder's run (None to start fresh;
+    checkpoints of another run are refused, never continued); a path -> that checkpoint, whichever run."""
     if not resume:
         return None
     if resume == "auto":
-        return find_latest(directory)
+        own = folder_run_id(output_dir) if output_dir else None
+        latest = find_latest(directory, own or "")
+        if latest is None and output_dir is not None:
+            others = [p for _, p in list_complete(directory) if (run_of(p) or {}).get("run_id") not in (None, own)]
+            if others:
+                run = run_of(others[-1])
+                raise CheckpointError(
+                    f"--resume auto: the checkpoints in {directory} were written by another run (run {run['run_id']} "
+                    f"of {run.get('output_dir')}), not by the run of {output_dir}; continue it in its own folder, "
+                    f"pass --resume {others[-1]} to adopt it here, or choose another checkpointing.dir")
+        return latest
     path = resume
     if os.path.isdir(path) and not is_complete(path):
         # a checkpoint directory given by path must be complete; a parent directory means "its newest"
@@ -172,10 +208,15 @@ def load_trainer_state(path: str, rank: int) -> dict:
                               "damaged; resume from an earlier one (pass its path to --resume)") from None
 
 
-def finalize(directory: str, step: int, keep_last: int) -> str:
-    """Rank 0 only, after every rank has written: mark complete, rename into place, prune old ones."""
+def finalize(directory: str, step: int, keep_last: int, output_dir: str | None = None) -> str:
+    """Rank 0 only, after every rank has written: mark complete, rename into place, prune old ones (of
+    this run only: another run's checkpoints in the folder are not this run's to delete)."""
     src = tmp_path(directory, step)
     dst = os.path.join(directory, checkpoint_name(step))
+    run_id = folder_run_id(output_dir) if output_dir else None
+    if run_id is not None:
+        with open(os.path.join(src, RUN), "w") as f:
+            json.dump({"run_id": run_id, "output_dir": os.path.abspath(output_dir)}, f)
     listing = "".join(f"{size} {rel}\n" for size, rel in _manifest(src))
     with open(os.path.join(src, COMPLETE), "w") as f:
         f.write(f"{step}\n{listing}")  # the step, then every file with its size (see `damage`)
@@ -184,7 +225,8 @@ def finalize(directory: str, step: int, keep_last: int) -> str:
     if os.path.exists(dst):  # the same step saved twice (e.g. final save right after a periodic one)
         shutil.rmtree(dst)
     os.rename(src, dst)
-    for _, old in list_complete(directory)[:-keep_last]:
+    mine = [p for _, p in list_complete(directory) if (run_of(p) or {}).get("run_id") == run_id]
+    for old in mine[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     for name in os.listdir(directory):  # leftovers of interrupted writes of earlier steps
         if name.startswith(".tmp-") and name != os.path.basename(src):

@@ -57,7 +57,7 @@ def preflight(cfg: TrainConfig, resume: str | None = None, world_size: int | Non
         from .checkpoint import CheckpointError, resolve_resume
 
         try:
-            resolve_resume(resume, cfg.checkpoint_dir)
+            resolve_resume(resume, cfg.checkpoint_dir, cfg.output_dir)
         except CheckpointError as exc:
             raise ConfigError(str(exc)) from None
 

@@ -125,7 +125,7 @@ def save(trainer, cfg: TrainConfig) -> str | None:
     dist.barrier()
     final = None
     if trainer.rank == 0:
-        final = checkpoint.finalize(directory, trainer.step, cfg.checkpointing.keep_last)
+        final = checkpoint.finalize(directory, trainer.step, cfg.checkpointing.keep_last, cfg.output_dir)
     dist.barrier()
     return final
 
@@ -153,7 +153,7 @@ def _train(cfg: TrainConfig, resume, grad_hook, stop) -> int:
 
     rank = dist.get_rank()
     started = time.time()
-    resume_path = checkpoint.resolve_resume(resume, cfg.checkpoint_dir)
+    resume_path = checkpoint.resolve_resume(resume, cfg.checkpoint_dir, cfg.output_dir)
     trainer = Trainer(cfg)
     trainer.grad_hook = grad_hook
     if resume_path is not None:

@@ -100,10 +100,11 @@ def prepare(cfg: TrainConfig, force: bool, resume: str | None = None) -> list[st
     (--force, or --resume auto finding no complete checkpoint: a job requeued before its first checkpoint
     restarts, and the earlier attempt's files are kept), then take the lock. Returns messages for the log;
     raises ConfigError when another run took the folder meanwhile."""
-    from .checkpoint import find_latest
+    from .checkpoint import find_latest, folder_run_id
 
     notes = []
-    fresh = force or (resume == "auto" and find_latest(cfg.checkpoint_dir) is None)
+    own = folder_run_id(cfg.output_dir)
+    fresh = force or (resume == "auto" and find_latest(cfg.checkpoint_dir, own or "") is None)
     if fresh and used_entries(cfg):
         own = os.path.join(cfg.output_dir, "checkpoints")
         if os.path.abspath(cfg.checkpoint_dir) != os.path.abspath(own) and _ckpt_entries(cfg.checkpoint_dir):
@@ -126,7 +127,26 @@ def prepare(cfg: TrainConfig, force: bool, resume: str | None = None) -> list[st
     with os.fdopen(fd, "w") as f:
         json.dump(record, f)
     atexit.register(release, cfg.output_dir, os.getpid())
+    _set_run_id(cfg, resume)
     return notes
+
+
+def _set_run_id(cfg: TrainConfig, resume: str | None) -> None:
+    """The folder's run id (its checkpoints carry it; train/checkpoint.py): kept when the run continues,
+    the checkpoint's when --resume PATH adopts one, else a new one."""
+    import uuid
+
+    from .checkpoint import RUN_ID, folder_run_id, resolve_resume, run_of
+
+    path = os.path.join(cfg.output_dir, RUN_ID)
+    run_id = None
+    if resume and resume != "auto":
+        run_id = (run_of(resolve_resume(resume, cfg.checkpoint_dir)) or {}).get("run_id")
+    elif resume == "auto" and os.path.exists(path):
+        run_id = folder_run_id(cfg.output_dir)
+    with open(path + ".tmp", "w") as f:
+        f.write((run_id or uuid.uuid4().hex) + "\n")
+    os.replace(path + ".tmp", path)
 
 
 def release(out: str, pid: int | None = None) -> None:
