@@ -46,13 +46,39 @@ def _world(group) -> tuple[int, int]:
     return dist.get_world_size(group), dist.get_rank(group)
 
 
-def _check_equal_batches(n: int, device: torch.device, group, world: int) -> None:
-    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor([n], dtype=torch.long, device=device), group=group)
-    sizes = [int(s) for s in sizes]
-    if len(set(sizes)) != 1:
-        raise ValueError(f"clipforge.contrastive_loss needs the same local batch size on every rank, got {sizes} "
-                         "across ranks; drop or pad the last partial batch so every rank holds as many pairs")
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)  # codes of the cross-rank check
+
+
+def _check_ranks_agree(features: torch.Tensor, backend: str, group) -> None:
+    """One all_gather of (local batch, feature dim, dtype, collective pattern) before the loss's own
+    collectives: ranks that disagree all raise a ValueError naming them and their values, instead of
+    mismatched collectives (gloo aborts the process; buffers of equal bytes would silently mix)."""
+    world, _ = _world(group)
+    code = _DTYPES.index(features.dtype) if features.dtype in _DTYPES else len(_DTYPES)
+    mine = torch.tensor([features.shape[0], features.shape[1], code, backend == "torch"], dtype=torch.long,
+                        device=features.device)
+    parts = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(parts, mine, group=group)
+    rows = [tuple(int(v) for v in p) for p in parts]
+    if len(set(rows)) == 1:
+        return
+    what = [name for i, name in enumerate(("local batch sizes", "feature dims", "dtypes", "backends"))
+            if len({row[i] for row in rows}) > 1]
+    ranks: dict[tuple, list[int]] = {}
+    for r, row in enumerate(rows):
+        ranks.setdefault(row, []).append(r)
+
+    def show(row):
+        n, d, c, torch_path = row
+        dtype = str(_DTYPES[c]).replace("torch.", "") if c < len(_DTYPES) else "another dtype"
+        backend = f" (backend {'torch' if torch_path else 'cpp/chunked/triton'})" if "backends" in what else ""
+        return f"{n} x {d} {dtype}{backend}"
+
+    seen = "; ".join(f"{show(row)} on rank{'s' * (len(rs) > 1)} {', '.join(map(str, rs))}" for row, rs in ranks.items())
+    hint = ("drop or pad the last partial batch so every rank holds as many pairs" if what == ["local batch sizes"]
+            else "every rank must run the same model, precision and loss backend (the same run config)")
+    raise ValueError(f"clipforge.contrastive_loss needs the same local batch size, feature dim, dtype and backend on "
+                     f"every rank, but their {' and '.join(what)} differ: {seen}; {hint}")
 
 
 def _all_gather_rows(x: torch.Tensor, group, world: int) -> torch.Tensor:
@@ -250,7 +276,6 @@ def _global_forward(image, text, s: float, impl: _Impl, group):
     world, rank = _world(group)
     n = image.shape[0]
     if world > 1:
-        _check_equal_batches(n, image.device, group, world)
         text_all = _all_gather_rows(text, group, world)  # (N, d)
     else:
         text_all = text
@@ -321,22 +346,23 @@ def _torch_loss(image, text, scale, group):
         # the full gradient on the scale, the same convention as the fused backends.
         from torch.distributed.nn.functional import all_gather
 
-        _check_equal_batches(image.shape[0], image.device, group, world)
         image = torch.cat(all_gather(image.contiguous(), group=group))
         text = torch.cat(all_gather(text.contiguous(), group=group))
     return reference.contrastive_loss(image, text, scale)
 
 
-def _backend(image_features, text_features, backend: str, chunk_size) -> str:
-    """Check the arguments of a loss call and resolve its backend."""
+def _backend(image_features, text_features, backend: str, chunk_size, group) -> str:
+    """Check the arguments of a loss call (across the group's ranks too) and resolve its backend."""
     if image_features.dim() != 2 or image_features.shape != text_features.shape:
         raise ValueError(f"image and text features must both be (batch, dim) with the same shape, got "
                          f"{tuple(image_features.shape)} and {tuple(text_features.shape)}")
-    if image_features.shape[0] == 0:
-        raise ValueError("the contrastive loss needs at least one (image, text) pair, got an empty batch")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of rows (or None), got {chunk_size}")
     name = ops.select_contrastive_backend(image_features.device, backend, dtype=image_features.dtype)
+    if _world(group)[0] > 1:
+        _check_ranks_agree(image_features, name, group)  # first: one rank's empty batch fails every rank
+    if image_features.shape[0] == 0:
+        raise ValueError("the contrastive loss needs at least one (image, text) pair, got an empty batch")
     return name
 
 
@@ -347,16 +373,17 @@ def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, 
     image_features, text_features: (n, d), this rank's pairs (row i of each is a positive pair).
     logit_scale: the exponentiated scale s (a 0-d tensor, which may require grad, or a float).
     group: a torch.distributed process group; the loss is then taken over the W ranks' concatenated
-      batch (N = W n, the same n on every rank, else ValueError), and the gradients follow the
-      data-parallel averaging convention of the module docstring: features get W x the gradient of the
-      global loss, logit_scale the full gradient, so averaging over ranks gives the exact gradient.
+      batch (N = W n; the same n, d, dtype and backend kind on every rank, else ValueError on all
+      ranks), and the gradients follow the data-parallel averaging convention of the module
+      docstring: features get W x the gradient of the global loss, logit_scale the full gradient, so
+      averaging over ranks gives the exact gradient.
     backend: "auto" (engine/ops.py's table: triton for fp16 / bf16 on CUDA sm80+, chunked for other
       CUDA cases, cpp on CPU), "triton", "chunked", "cpp" or "torch".
     chunk_size: image rows per chunk of logits (None: cpp ~16 MiB chunks; triton / chunked as many rows
       as keep the work buffer within WORK_BYTES = 256 MiB).
     Returns a 0-d loss tensor (float32; float64 for float64 features on cpp / chunked / torch).
     """
-    name = _backend(image_features, text_features, backend, chunk_size)
+    name = _backend(image_features, text_features, backend, chunk_size, group)
     if name == "torch":
         return _torch_loss(image_features, text_features, logit_scale, group)
     return _ChunkedContrastiveFunction.apply(image_features, text_features, logit_scale,
@@ -373,7 +400,7 @@ def contrastive_loss_and_grads(image_features: torch.Tensor, text_features: torc
     own: gradient caching stores them, and in fp16 each, ~ s / 2N of an O(1) value (1e-5 at N = 32k),
     would sit in the subnormals. d_scale: a 0-d tensor (the gradient w.r.t. the exponentiated scale).
     """
-    name = _backend(image_features, text_features, backend, chunk_size)
+    name = _backend(image_features, text_features, backend, chunk_size, group)
     if name == "torch":
         leaves = [x.detach().requires_grad_(True) for x in (image_features, text_features)]
         s = torch.as_tensor(logit_scale, dtype=torch.float32, device=image_features.device).detach().requires_grad_(True)

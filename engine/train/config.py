@@ -1,7 +1,7 @@
 """Run configuration for training: nested dataclasses loaded strictly from YAML, plus `--set` overrides.
 
 A run config has one section per concern (model, data, batch, optimizer, schedule, precision, loss,
-deepspeed, checkpointing, logging, evaluation) and a few top-level keys (seed, max_steps, output_dir).
+deepspeed, checkpointing, logging, evaluation, distributed) and a few top-level keys (seed, max_steps, output_dir).
 Unknown keys are refused with their dotted name (through `clipforge.config.dataclass_from_dict`), and
 `TrainConfig.validate(world_size)` refuses impossible combinations, again naming the key.
 
@@ -115,6 +115,13 @@ class EvaluationSection:
 
 
 @dataclass
+class DistributedSection:
+    # seconds a collective (and the rendezvous) waits for a silent rank before the run stops with an error
+    # (torch's gloo default: 30 min); a rank that raises stops the others within ~1 s anyway
+    timeout_s: float = 600.0
+
+
+@dataclass
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataConfig = field(default_factory=DataConfig)  # the loaders' own config, nested as it is
@@ -127,6 +134,7 @@ class TrainConfig:
     checkpointing: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     evaluation: EvaluationSection = field(default_factory=EvaluationSection)
+    distributed: DistributedSection = field(default_factory=DistributedSection)
     seed: int = 0
     max_steps: int = 100
     output_dir: str = "runs/default"
@@ -196,6 +204,7 @@ class TrainConfig:
             _positive("loss.chunk_size", self.loss.chunk_size)
         _at_least("evaluation.every_steps", self.evaluation.every_steps, 0, "(0: never)")
         _positive("evaluation.batches", self.evaluation.batches)
+        _positive("distributed.timeout_s", self.distributed.timeout_s)
         _at_least("checkpointing.every_steps", self.checkpointing.every_steps, 0, "(0: only the final checkpoint)")
         p = self.precision
         _at_least("precision.initial_scale_power", p.initial_scale_power, 0)

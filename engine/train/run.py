@@ -64,7 +64,7 @@ def run(args) -> int:
     except (ConfigError, FileNotFoundError) as exc:
         print(f"clipforge train: {' '.join(str(exc).split())}", file=sys.stderr)  # one line, on every rank
         return 2
-    init_distributed()  # registers the group's teardown at exit
+    init_distributed(timeout_s=cfg.distributed.timeout_s)  # registers the group's teardown at exit
     if not _take_folder(cfg, args.force, args.resume):
         return 2
     from .checkpoint import CheckpointError

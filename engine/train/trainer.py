@@ -44,6 +44,7 @@ from ..data.synthetic import SyntheticPairs
 from ..model.clip import MAX_LOGIT_SCALE
 from .config import ConfigError, TrainConfig
 from .deepspeed_compat import _scalars_to_vectors, _weights_only_load
+from .distributed import check_same_config, failures_announced, set_collective_timeout, start_watchdog
 
 
 class NonFiniteLossError(RuntimeError):
@@ -142,6 +143,11 @@ class Trainer:
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.group = dist.group.WORLD
         cfg.validate(self.world_size)
+        # collectives give up after distributed.timeout_s (DeepSpeed's groups below too); a rank that
+        # raises stops the others (distributed.py's watchdog); ranks started with different configs stop here
+        set_collective_timeout(cfg.distributed.timeout_s)
+        start_watchdog()
+        check_same_config(cfg.to_dict())
         self.local_batch = cfg.batch.global_size // self.world_size
         accel = get_accelerator()
         self.device = torch.device(accel.current_device_name())
@@ -174,6 +180,7 @@ class Trainer:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=groups, optimizer=optimizer, lr_scheduler=schedule, config=ds_config
         )
+        set_collective_timeout(cfg.distributed.timeout_s)  # again: any group DeepSpeed made on its own
         self.module = self.engine.module
         # DeepSpeed reads its checkpoint files with torch.load(weights_only=False), which can run pickled
         # code; read them with weights_only=True instead, allowing only DeepSpeed's own plain records
@@ -228,7 +235,13 @@ class Trainer:
 
     # ------------------------------------------------------------------------------- one step
     def train_step(self, batch=None) -> dict:
-        """One optimizer step over one global batch. Returns this step's metrics (loss None if skipped)."""
+        """One optimizer step over one global batch. Returns this step's metrics (loss None if skipped).
+        An exception on this rank (but NonFiniteLossError, raised on every rank alike) is announced to
+        the others first, which then stop within a second instead of waiting in a collective."""
+        with failures_announced(ignore=(NonFiniteLossError,)):
+            return self._train_step(batch)
+
+    def _train_step(self, batch=None) -> dict:
         self.engine.train()
         t0 = time.perf_counter()
         lr = self.scheduler.get_last_lr()[0]  # the rate this step uses (the schedule advances in step())
