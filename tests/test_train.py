@@ -535,6 +535,22 @@ def test_a_checkpoint_that_cannot_be_written_leaves_nothing_partial(tmp_path, on
     assert (tmp_path / "full" / "config.yaml").read_bytes() == before
 
 
+@pytest.mark.parametrize("small", ["path", "eval_path"])
+def test_shards_smaller_than_a_batch_stop_at_start_in_one_sentence(tmp_path, one_rank, capsys, small):
+    _write_shards(tmp_path / "big", n_shards=1, per_shard=12)
+    _write_shards(tmp_path / "small", n_shards=1, per_shard=3)
+    data = {"kind": "webdataset", "path": str(tmp_path / ("small" if small == "path" else "big")),
+            "eval_path": str(tmp_path / ("small" if small == "eval_path" else "big")), "loader": "pytorch",
+            "num_workers": 0, "cache_dir": str(tmp_path / "cache")}
+    config = write_config(tmp_path, "small", data=data, batch={"global_size": 8, "micro_size": 8},
+                          evaluation={"every_steps": 2, "batches": 1})
+    capsys.readouterr()
+    assert run_main(config) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"clipforge train: config key 'data.{small}'") and "one global batch of 8" in err[-1]
+    assert not os.path.exists(tmp_path / "small" / "metrics.jsonl")  # before the first step
+
+
 def test_webdataset_shards_train_and_resume(tmp_path, one_rank):
     """Shards through clipforge.data (PyTorch/Pillow loader): 4 steps across an epoch boundary equal
     2 steps + --resume auto for 2 (the loader's position is part of the trainer state)."""

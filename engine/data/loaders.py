@@ -413,12 +413,18 @@ class ShardBatches:
         self.eval_batches = eval_batches
         self.loader = build_train_loader(self.train_cfg, rank, world_size, image_size=image_size)
         if len(self.loader) == 0:
-            raise ValueError(
-                f"config key 'data.path' ({cfg.path}) holds fewer samples than one global batch of "
+            raise DataError(
+                f"config key 'data.path' ({cfg.path}) holds fewer usable samples than one global batch of "
                 f"{global_batch}; use more data or a smaller batch.global_size"
             )
         self._iter = None
         self._eval = None
+        self._eval_loader = None
+        if self.eval_cfg is not None:  # validated now, at start-up, not at the first evaluation
+            self._eval_loader = build_eval_loader(self.eval_cfg, rank, world_size, image_size=image_size)
+            if len(self._eval_loader) == 0:
+                raise DataError(f"config key 'data.eval_path' ({self.eval_cfg.path}) holds fewer usable samples "
+                                f"than one global batch of {global_batch}; add held-out data or lower batch.global_size")
 
     def next_batch(self):
         for _ in range(2):  # at most one epoch boundary per batch
@@ -431,13 +437,12 @@ class ShardBatches:
         raise RuntimeError("the training loader yielded an empty epoch")
 
     def eval_batch(self, i: int):
-        if self.eval_cfg is None:
-            raise ValueError("config key 'evaluation.every_steps' needs data.eval_path with webdataset data")
-        if self._eval is None:
-            loader = build_eval_loader(self.eval_cfg, self.rank, self.world_size, image_size=self.image_size)
-            self._eval = list(itertools.islice(loader, self.eval_batches))  # the same batches every evaluation
+        if self._eval_loader is None:
+            raise DataError("config key 'evaluation.every_steps' needs data.eval_path with webdataset data")
+        if self._eval is None:  # the same batches every evaluation
+            self._eval = list(itertools.islice(self._eval_loader, self.eval_batches))
             if not self._eval:
-                raise ValueError(f"config key 'data.eval_path' ({self.eval_cfg.path}) holds less than one batch")
+                raise DataError(f"config key 'data.eval_path' ({self.eval_cfg.path}) holds less than one batch")
         return self._eval[i % len(self._eval)]
 
     def state_dict(self) -> dict:
