@@ -654,6 +654,56 @@ def test_checkpoints_of_different_runs_never_mix(tmp_path, one_rank, capsys):
     assert own == ["step_000006"] and run_of(os.path.join(shared, own[0]))["output_dir"] == str(tmp_path / "second")
 
 
+def test_keep_last_keeps_the_new_checkpoint_and_sets_a_later_timeline_aside(tmp_path):
+    """keep_last prunes only checkpoints older than the one just written; after a resume from an older
+    checkpoint the later ones are renamed aside (never deleted), so --resume auto cannot jump to them;
+    when every checkpoint of the run is damaged, --resume auto refuses instead of restarting from 0."""
+    from clipforge.train import checkpoint as ck
+
+    out, d = tmp_path / "out", str(tmp_path / "ck")
+    out.mkdir()
+    (out / "run_id").write_text("r1\n")
+
+    def write(step):
+        path = ck.prepare_tmp(d, step, 0)
+        (open(os.path.join(path, "trainer_rank0.pt"), "wb")).write(b"x" * step)
+        return ck.finalize(d, step, keep_last=2, output_dir=str(out))
+
+    for step in (100, 200, 300):
+        write(step)
+    assert sorted(os.listdir(d)) == ["step_000200", "step_000300"]
+    assert write(250).endswith("step_000250")  # the run went back to 200 and saved again
+    names = sorted(os.listdir(d))
+    assert [n for n in names if n.startswith("step_")] == ["step_000200", "step_000250"]
+    assert any(n.startswith("abandoned-step_000300") for n in names)
+    assert ck.resolve_resume("auto", d, str(out)).endswith("step_000250")
+    for name in ("step_000200", "step_000250"):
+        with open(os.path.join(d, name, "trainer_rank0.pt"), "ab") as f:
+            f.write(b"!")  # both damaged after they were written
+    with pytest.raises(ck.CheckpointError, match="every complete checkpoint of this run .* is damaged"):
+        with pytest.warns(RuntimeWarning):
+            ck.resolve_resume("auto", d, str(out))
+
+
+def test_a_lock_of_another_host_is_live_while_its_heartbeat_is(tmp_path):
+    import json as _json
+
+    from clipforge.train.config import ConfigError, TrainConfig
+    from clipforge.train.rundir import LOCK, STALE_S, check_free
+
+    cfg = TrainConfig.from_dict({"output_dir": str(tmp_path / "run")})
+    (tmp_path / "run").mkdir()
+    lock = tmp_path / "run" / LOCK
+    lock.write_text(_json.dumps({"host": "node-b", "pid": 4242, "started": "then"}))
+    with pytest.raises(ConfigError, match="in use by another run \\(pid 4242 on node-b"):
+        check_free(cfg, None, False)
+    old = lock.stat().st_mtime - STALE_S - 1
+    os.utime(lock, (old, old))  # no heartbeat for longer than STALE_S: that run is gone
+    check_free(cfg, None, False)
+    lock.write_text('{"host": "node-b", "pi')  # its writer died mid-write
+    check_free(cfg, None, False)
+
+
 def test_trainer_state_loads_with_weights_only(tmp_path, one_rank):
     from clipforge.train.checkpoint import load_trainer_state, save_trainer_state
     from clipforge.train.config import TrainConfig

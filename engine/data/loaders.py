@@ -420,7 +420,7 @@ class ShardBatches:
         self._iter = None
         self._eval = None
         self._eval_loader = None
-        if self.eval_cfg is not None:  # validated now, at start-up, not at the first evaluation
+        if self.eval_cfg is not None and eval_batches > 0:  # validated at start-up, not at the first evaluation
             self._eval_loader = build_eval_loader(self.eval_cfg, rank, world_size, image_size=image_size)
             if len(self._eval_loader) == 0:
                 raise DataError(f"config key 'data.eval_path' ({self.eval_cfg.path}) holds fewer usable samples "

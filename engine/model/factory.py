@@ -40,8 +40,8 @@ def create_model_and_transforms(
     their architecture (`clipforge.load(pretrained, model_name=name)`: the name's activation and heads,
     shapes checked), returned in eval mode (OpenCLIP returns train mode: call .train() to fine-tune). `overrides`
     are config fields for a fresh model (e.g. attention_backend="sdpa"). The transforms are OpenCLIP's at
-    the model's image size: RandomResizedCrop(scale=aug_scale) for training, resize + centre crop for
-    evaluation, CLIP's mean/std unless given.
+    the model's image size: RandomResizedCrop(scale=aug_scale) for training (bicubic whatever
+    `image_interpolation` says, as OpenCLIP's), resize + centre crop for evaluation, CLIP's mean/std unless given.
     """
     if pretrained is not None:
         path = os.fspath(pretrained)
@@ -62,7 +62,7 @@ def create_model_and_transforms(
     size = model.config.vision.image_size
     mean, std = tuple(image_mean or CLIP_MEAN), tuple(image_std or CLIP_STD)
     interpolation = image_interpolation or "bicubic"
-    train = ImageTransform(size, True, mean, std, interpolation, area=tuple(aug_scale))
+    train = ImageTransform(size, True, mean, std, "bicubic", area=tuple(aug_scale))  # OpenCLIP's crop: bicubic always
     evaluate = ImageTransform(size, False, mean, std, interpolation)
     return model, train, evaluate
 

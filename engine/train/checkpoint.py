@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 
 import torch
 
@@ -134,6 +135,11 @@ def resolve_resume(resume: str | None, directory: str, output_dir: str | None = 
     if resume == "auto":
         own = folder_run_id(output_dir) if output_dir else None
         latest = find_latest(directory, own or "")
+        mine = [p for _, p in list_complete(directory) if (run_of(p) or {}).get("run_id") in (None, own or None)]
+        if latest is None and mine:  # never a silent restart from step 0 of a run that has checkpoints
+            raise CheckpointError(f"--resume auto: every complete checkpoint of this run in {directory} is damaged "
+                                  f"({len(mine)}, newest {mine[-1]}: {damage(mine[-1])}); pass --resume PATH of one "
+                                  "you trust, or --force to start the run afresh (the old files are kept aside)")
         if latest is None and output_dir is not None:
             others = [p for _, p in list_complete(directory) if (run_of(p) or {}).get("run_id") not in (None, own)]
             if others:
@@ -225,8 +231,14 @@ def finalize(directory: str, step: int, keep_last: int, output_dir: str | None =
     if os.path.exists(dst):  # the same step saved twice (e.g. final save right after a periodic one)
         shutil.rmtree(dst)
     os.rename(src, dst)
-    mine = [p for _, p in list_complete(directory) if (run_of(p) or {}).get("run_id") == run_id]
-    for old in mine[:-keep_last]:
+    mine = [(s, p) for s, p in list_complete(directory) if (run_of(p) or {}).get("run_id") == run_id]
+    # the run went back (--resume of an older checkpoint): its later checkpoints are another timeline now,
+    # set aside (renamed, never deleted) so that --resume auto cannot jump to them
+    for s, p in mine:
+        if s > step:
+            os.rename(p, os.path.join(directory, f"abandoned-{os.path.basename(p)}-{int(time.time())}"))
+    older = [p for s, p in mine if s < step]
+    for old in older[:max(0, len(older) - (keep_last - 1))]:  # this one and the keep_last - 1 newest before it
         shutil.rmtree(old, ignore_errors=True)
     for name in os.listdir(directory):  # leftovers of interrupted writes of earlier steps
         if name.startswith(".tmp-") and name != os.path.basename(src):

@@ -39,10 +39,31 @@ def shutdown_distributed() -> None:
     failed = _stop_watchdog()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        _forget_deepspeed_groups()
     _remove_own_shm_buffers()
     addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
     if failed and addr and port:
         remove_shm_buffers(addr, port)  # the run failed: this host's buffers of it, a killed peer's too
+
+
+def _forget_deepspeed_groups() -> None:
+    """DeepSpeed caches the groups it derived from the world (its clone of the world group, the data-parallel
+    group) in module globals; once the world is destroyed they name dead groups, and the next process
+    group in this process (a second run in a notebook or a test session) failed in deepspeed.initialize
+    with "Group ... is not registered". Clear them with the world."""
+    import sys
+
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is None:
+        return
+    for name in ("_WORLD_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP", "_TENSOR_MODEL_PARALLEL_GROUP",
+                 "_MODEL_PARALLEL_GROUP", "_DATA_PARALLEL_GROUP", "mpu"):
+        if hasattr(groups, name):
+            setattr(groups, name, None)
+    for name in ("_EXPERT_PARALLEL_GROUP", "_EXPERT_PARALLEL_GROUP_RANKS", "_EXPERT_DATA_PARALLEL_GROUP",
+                 "_EXPERT_DATA_PARALLEL_GROUP_RANKS", "_ALL_TO_ALL_GROUP"):
+        if isinstance(getattr(groups, name, None), dict):
+            getattr(groups, name).clear()
 
 
 def _remove_own_shm_buffers() -> None:
@@ -98,6 +119,7 @@ def init_distributed(timeout_s: float | None = None) -> None:
         accel.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         backend = accel.communication_backend_name()
     timeout_s = timeout_s or DEFAULT_TIMEOUT_S
+    _forget_deepspeed_groups()  # a new world: groups DeepSpeed derived from an earlier one are dead
     deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timedelta(seconds=timeout_s))
     import atexit
 
@@ -251,8 +273,19 @@ def _exit_now(rank: int, error: str) -> None:
     addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
     if addr and port:
         remove_shm_buffers(addr, port)  # the group is over: this host's buffers of it, the dead ranks' too
+    _release_lock()
     sys.stdout.flush()
     os._exit(1)
+
+
+def _release_lock() -> None:
+    """The run folder's lock, if this process holds it (os._exit skips atexit)."""
+    try:
+        from .rundir import release_held
+
+        release_held()
+    except Exception:  # noqa: BLE001 - leaving anyway; a stale lock is taken over by the next run
+        pass
 
 
 def start_watchdog(poll_s: float = POLL_S) -> None:

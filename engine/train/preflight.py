@@ -57,7 +57,8 @@ def preflight(cfg: TrainConfig, resume: str | None = None, world_size: int | Non
         from .checkpoint import CheckpointError, resolve_resume
 
         try:
-            resolve_resume(resume, cfg.checkpoint_dir, cfg.output_dir)
+            # the run-id check reads the output folder, which may be node-local: rank 0's to make
+            resolve_resume(resume, cfg.checkpoint_dir, cfg.output_dir if os.environ.get("RANK", "0") == "0" else None)
         except CheckpointError as exc:
             raise ConfigError(str(exc)) from None
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -71,15 +72,16 @@ def run(args) -> int:
     from .rundir import release
     from ..data.config import DataError
 
+    from .distributed import announce_failure
+
     try:
         cfg.validate(dist.get_world_size())
         return train(cfg, resume=args.resume)
-    except (ConfigError, CheckpointError) as exc:
+    except (ConfigError, CheckpointError, DataError) as exc:  # one sentence, no traceback
+        # a failure of this rank alone (a file only it reads): the others hear of it and stop within ~1 s
+        announce_failure(str(exc))
         print(f"clipforge train: {exc}", file=sys.stderr)
-        return 2
-    except DataError as exc:  # e.g. an epoch with no usable sample left: one sentence, no traceback
-        print(f"clipforge train: {exc}", file=sys.stderr)
-        return 1
+        return 1 if isinstance(exc, DataError) else 2  # DataError: e.g. an epoch with no usable sample left
     finally:
         if dist.get_rank() == 0:
             release(cfg.output_dir)
@@ -109,11 +111,12 @@ def save(trainer, cfg: TrainConfig) -> str | None:
     state and the trainer's, it holds the model (model.safetensors: fp32 weights + config), so that
     `clipforge.load` and `clipforge eval` open the checkpoint directory."""
     from . import checkpoint
-    from ..model.weights import save_state_dict
+    from ..model.weights import CheckpointError, save_state_dict
 
     directory = cfg.checkpoint_dir
     tmp = checkpoint.prepare_tmp(directory, trainer.step, trainer.rank)
     dist.barrier()
+    error = None
     try:
         trainer.save_checkpoint(tmp)
         weights = trainer.full_state_dict(rank0_only=True)  # collective under ZeRO 3
@@ -121,8 +124,17 @@ def save(trainer, cfg: TrainConfig) -> str | None:
             save_state_dict(weights, trainer.model_config, checkpoint.model_path(tmp))
         del weights
     except Exception as exc:  # a full disk, mostly: nothing partial is left to fill it further
-        raise checkpoint.write_failed(tmp, exc) from None
-    dist.barrier()
+        error = checkpoint.write_failed(tmp, exc)
+    # every rank learns whether every rank's part is on disk (a write that only rank 0 makes can fail
+    # alone): all raise together instead of the others waiting in a barrier for a rank that gave up
+    failed = torch.tensor([0 if error is None else trainer.rank + 1], device=trainer.device)
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if error is not None:
+        raise error from None
+    if int(failed.item()):
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"writing checkpoint {tmp} failed on rank {int(failed.item()) - 1} (its message is "
+                              "that rank's); the previous checkpoint is intact")
     final = None
     if trainer.rank == 0:
         final = checkpoint.finalize(directory, trainer.step, cfg.checkpointing.keep_last, cfg.output_dir)
@@ -153,13 +165,19 @@ def _train(cfg: TrainConfig, resume, grad_hook, stop) -> int:
 
     rank = dist.get_rank()
     started = time.time()
-    resume_path = checkpoint.resolve_resume(resume, cfg.checkpoint_dir, cfg.output_dir)
+    # rank 0 resolves the checkpoint (its run id is in rank 0's output folder, which may be node-local)
+    found = [checkpoint.resolve_resume(resume, cfg.checkpoint_dir, cfg.output_dir) if rank == 0 else None]
+    dist.broadcast_object_list(found, src=0)
+    resume_path = found[0]
     trainer = Trainer(cfg)
     trainer.grad_hook = grad_hook
     if resume_path is not None:
         trainer.load_checkpoint(resume_path)
-    if rank == 0:  # only once the run stands (a resume that fails leaves the folder's config as it was)
+    if rank == 0:  # only once the run stands (a resume that fails leaves the folder as it was)
+        from .rundir import set_run_id
+
         os.makedirs(cfg.output_dir, exist_ok=True)
+        set_run_id(cfg, resume, resume_path)
         _write_resolved_config(cfg, dist.get_world_size())
     dist.barrier()
     first_step, first_samples, written = trainer.step, trainer.samples_seen, []
@@ -205,6 +223,7 @@ def _train(cfg: TrainConfig, resume, grad_hook, stop) -> int:
             where = f"checkpoint {last_path}" if last_path else "no checkpoint (no step trained)"
             print(f"clipforge train: {why}: stopped at step {trainer.step}, {where}; continue with --resume auto "
                   f"(exit {exit_code(stopped)})", file=sys.stderr)
+        dist.barrier()  # no rank exits (and makes the launcher kill the others) before rank 0 has written
         return exit_code(stopped)
     if status == 0 and cfg.checkpointing.save_final and last_saved != trainer.step:
         written.append(save(trainer, cfg))

@@ -43,19 +43,31 @@ def used_entries(cfg: TrainConfig) -> list[str]:
     return found
 
 
+HEARTBEAT_S = 60  # the holder touches its lock this often; one untouched for STALE_S is stale
+STALE_S = 900
+_held: dict = {}  # {"out": folder, "stop": threading.Event} while this process holds a lock
+
+
 def read_lock(out: str) -> dict | None:
+    path = os.path.join(out, LOCK)
     try:
-        with open(os.path.join(out, LOCK)) as f:
-            return json.load(f)
+        with open(path) as f:
+            lock = json.load(f)
+        lock["age_s"] = time.time() - os.path.getmtime(path)
+        return lock if isinstance(lock, dict) else {"pid": None}
     except FileNotFoundError:
         return None
     except (OSError, ValueError):
-        return {"host": "?", "pid": -1, "started": "?"}  # unreadable: treated as another host's
+        return {"pid": None}  # unreadable: its writer died between creating and writing it (stale)
 
 
 def _alive(lock: dict) -> bool:
+    """Whether the lock's run still lives: its process, on this host; on another host (which cannot be
+    asked) its heartbeat (the holder touches the lock every HEARTBEAT_S seconds)."""
+    if lock.get("pid") is None:
+        return False
     if lock.get("host") != socket.gethostname():
-        return True  # another machine's process cannot be checked from here
+        return lock.get("age_s", 0) < STALE_S
     if lock.get("pid") == os.getpid():
         return False  # this process's own, left by an earlier run in it that did not release it
     try:
@@ -71,7 +83,8 @@ def check_free(cfg: TrainConfig, resume: str | None, force: bool) -> None:
     """Preflight: refuse (ConfigError) a run that would clobber a used folder or share it with a live run."""
     if force and resume:
         raise ConfigError("--force starts a fresh run and --resume continues one: pass one of them")
-    lock = read_lock(cfg.output_dir)
+    # the lock is rank 0's to take and check: a slower rank would see rank 0's own fresh lock
+    lock = read_lock(cfg.output_dir) if os.environ.get("RANK", "0") == "0" else None
     if lock is not None and _alive(lock):
         raise ConfigError(
             f"{cfg.output_dir} is in use by another run (pid {lock.get('pid')} on {lock.get('host')}, started "
@@ -105,6 +118,10 @@ def prepare(cfg: TrainConfig, force: bool, resume: str | None = None) -> list[st
     notes = []
     own = folder_run_id(cfg.output_dir)
     fresh = force or (resume == "auto" and find_latest(cfg.checkpoint_dir, own or "") is None)
+    lock = read_lock(cfg.output_dir)
+    if lock is not None and _alive(lock):  # again: the rendezvous took a while, another run may have started
+        raise ConfigError(f"{cfg.output_dir} was taken by another run as this one started (pid {lock.get('pid')} "
+                          f"on {lock.get('host')}); choose another --output-dir")
     if fresh and used_entries(cfg):
         own = os.path.join(cfg.output_dir, "checkpoints")
         if os.path.abspath(cfg.checkpoint_dir) != os.path.abspath(own) and _ckpt_entries(cfg.checkpoint_dir):
@@ -127,30 +144,52 @@ def prepare(cfg: TrainConfig, force: bool, resume: str | None = None) -> list[st
     with os.fdopen(fd, "w") as f:
         json.dump(record, f)
     atexit.register(release, cfg.output_dir, os.getpid())
-    _set_run_id(cfg, resume)
+    _heartbeat(path)
     return notes
 
 
-def _set_run_id(cfg: TrainConfig, resume: str | None) -> None:
-    """The folder's run id (its checkpoints carry it; train/checkpoint.py): kept when the run continues,
-    the checkpoint's when --resume PATH adopts one, else a new one."""
+def _heartbeat(path: str) -> None:
+    import threading
+
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(HEARTBEAT_S):
+            try:
+                os.utime(path)
+            except OSError:
+                return
+
+    _held.update(out=os.path.dirname(path), stop=stop)
+    threading.Thread(target=beat, name="clipforge-lock-heartbeat", daemon=True).start()
+
+
+def release_held() -> None:
+    """Drop this process's lock, if it holds one (the exits that skip atexit call it: os._exit paths)."""
+    if _held:
+        release(_held["out"])
+
+
+def set_run_id(cfg: TrainConfig, resume: str | None, resumed_from: str | None) -> None:
+    """Rank 0, once the run stands (a resume has loaded): the folder's run id, which its checkpoints
+    carry (train/checkpoint.py): the resumed checkpoint's, else the folder's own, else a new one."""
     import uuid
 
-    from .checkpoint import RUN_ID, folder_run_id, resolve_resume, run_of
+    from .checkpoint import RUN_ID, folder_run_id, run_of
 
+    run_id = (run_of(resumed_from) or {}).get("run_id") if resumed_from else None
+    run_id = run_id or (folder_run_id(cfg.output_dir) if resume else None) or uuid.uuid4().hex
     path = os.path.join(cfg.output_dir, RUN_ID)
-    run_id = None
-    if resume and resume != "auto":
-        run_id = (run_of(resolve_resume(resume, cfg.checkpoint_dir)) or {}).get("run_id")
-    elif resume == "auto" and os.path.exists(path):
-        run_id = folder_run_id(cfg.output_dir)
     with open(path + ".tmp", "w") as f:
-        f.write((run_id or uuid.uuid4().hex) + "\n")
+        f.write(run_id + "\n")
     os.replace(path + ".tmp", path)
 
 
 def release(out: str, pid: int | None = None) -> None:
     """Drop the lock if this process holds it."""
+    if _held.get("out") == out:
+        _held["stop"].set()
+        _held.clear()
     lock = read_lock(out)
     if lock is not None and lock.get("pid") == (pid or os.getpid()) and lock.get("host") == socket.gethostname():
         try:

@@ -160,6 +160,9 @@ def exit_now(signum: int) -> None:
     """The second signal: unlink this rank's DeepSpeed shm buffers, say so, and leave at once."""
     try:
         release_shm()
+        from .distributed import _release_lock
+
+        _release_lock()
         rank = os.environ.get("RANK", "0")
         os.write(2, (f"clipforge train: rank {rank}: {signal_name(signum)} again: exiting at once; the checkpoint "
                      "being written (if any) is abandoned, the previous complete one stays\n").encode())

@@ -118,7 +118,8 @@ def build_data_source(cfg: TrainConfig, model_config, *, rank: int, world_size: 
         return SyntheticPairs(cfg.data, image_size=vision.image_size, vocab_size=text.vocab_size,
                               context_length=text.context_length, global_batch=cfg.batch.global_size,
                               rank=rank, world_size=world_size)
-    return ShardBatches(cfg.data, global_batch=cfg.batch.global_size, eval_batches=cfg.evaluation.batches,
+    evaluated = cfg.evaluation.batches if cfg.evaluation.every_steps else 0  # no held-out loader otherwise
+    return ShardBatches(cfg.data, global_batch=cfg.batch.global_size, eval_batches=evaluated,
                         image_size=vision.image_size, rank=rank, world_size=world_size)
 
 
