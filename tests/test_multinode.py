@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from clipforge.train.distributed import config_differences, free_port, remove_shm_buffers
-from test_train import _env, assert_losses_close, read_metrics, run_main, write_config
+from test_train import _env, assert_losses_close, one_rank, read_metrics, run_main, write_config  # noqa: F401 (one_rank: a fixture)
 
 pytest.importorskip("deepspeed")
 
@@ -36,22 +36,6 @@ SECTIONS = dict(batch={"micro_size": 8}, deepspeed={"zero_stage": 1}, max_steps=
                 schedule={"warmup_steps": 1, "total_steps": MAX_STEPS})
 TIMEOUT_S = 20  # distributed.timeout_s of the runs that lose a rank
 HERE = os.path.abspath(__file__)
-
-
-@pytest.fixture(scope="module")
-def one_rank():
-    import torch.distributed as dist
-
-    from clipforge.train.distributed import init_distributed
-
-    created = not dist.is_initialized()
-    init_distributed()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    if created and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

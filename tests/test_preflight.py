@@ -20,17 +20,7 @@ from PIL import Image
 
 from clipforge.train.config import ConfigError, TrainConfig
 
-BASE = {
-    "model": {"name": "tiny-vit", "overrides": {}},
-    "data": {"num_samples": 256, "num_classes": 8, "context_length": 12},
-    "batch": {"global_size": 16, "micro_size": 16},
-    "optimizer": {"lr": 2.0e-3, "grad_clip": 1.0},
-    "schedule": {"warmup_steps": 1, "total_steps": 6},
-    "checkpointing": {"every_steps": 0, "save_final": False},
-    "logging": {"tensorboard": False, "progress_bar": False, "plot": False},
-    "max_steps": 3,
-    "seed": 3,
-}
+from test_train import BASE  # the tiny run the trainer's tests use
 
 
 def write_tar(path, n: int) -> str:

@@ -22,10 +22,9 @@ import sys
 import time
 
 import pytest
-import torch
 
 from clipforge.train.distributed import free_port
-from test_train import _env, assert_losses_close, read_metrics, run_main, write_config
+from test_train import _env, assert_losses_close, one_rank, read_metrics, run_main, write_config  # noqa: F401 (one_rank: a fixture)
 
 psutil = pytest.importorskip("psutil")  # a dependency of deepspeed
 
@@ -33,22 +32,6 @@ MAX_STEPS = 12
 SECTIONS = dict(batch={"micro_size": 8}, deepspeed={"zero_stage": 1}, max_steps=MAX_STEPS,
                 schedule={"warmup_steps": 1, "total_steps": MAX_STEPS})
 PICK = random.Random(20261201)  # the steps at which the signals are sent: random, but the same every run
-
-
-@pytest.fixture(scope="module")
-def one_rank():
-    import torch.distributed as dist
-
-    from clipforge.train.distributed import init_distributed
-
-    created = not dist.is_initialized()
-    init_distributed()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    if created and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
