@@ -1,14 +1,9 @@
 """Load released CLIP weights (OpenAI, OpenCLIP) and clipforge checkpoints without executing code.
 
-Accepted: a state dict (dict), or a file holding one of
-- an OpenAI TorchScript archive (the released `ViT-B-32.pt` files): read with a restricted unpickler
-  that rebuilds tensors and records module attributes, never importing or running archived code;
-- a plain state dict / OpenCLIP training checkpoint saved by `torch.save` (read with weights_only=True);
-- safetensors (clipforge writes its own checkpoints this way, with the model config in the metadata).
-
-The architecture is inferred from tensor shapes (as the reference code does); the activation cannot
-be, so `quick_gelu` is an option (OpenAI weights: QuickGELU, the default; OpenCLIP's LAION weights:
-GELU). An OpenCLIP model name ending in `-quickgelu` is understood by `model_name=`.
+Accepted: a state dict, or a file or folder holding one: OpenAI's TorchScript archives (a restricted
+unpickler rebuilds the tensors, never importing or running archived code), `torch.save` state dicts
+(weights_only=True), safetensors (clipforge's, with the model config in the metadata) and clipforge's
+training checkpoints. The architecture is never guessed from shapes a file does not fix: see `load`.
 """
 from __future__ import annotations
 
@@ -31,6 +26,13 @@ class CheckpointError(ValueError):
     """A checkpoint cannot be used: a weights file or state dict that cannot be read or does not fit the
     model, or a training checkpoint to resume from that is missing, incomplete or unreadable (raised by
     train/checkpoint.py too: one error for both)."""
+
+
+def cause(exc: BaseException, path: str | None = None) -> str:
+    """"Type: first line of the message" of a failed read or write (an empty one: the file's size)."""
+    text = (str(exc).strip().splitlines() or [""])[0][:200]
+    size = f"; the file holds {os.path.getsize(path):,} bytes" if path and os.path.isfile(path) else ""
+    return f"{type(exc).__name__}: {text or 'no message' + size}"
 
 
 # ----------------------------------------------------------------------------- TorchScript archives
@@ -176,8 +178,7 @@ def _read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None
     except (CheckpointError, FileNotFoundError):
         raise
     except Exception as exc:  # corrupt, truncated, or a pickle that needs code to load
-        detail = (str(exc) or f"no message; the file holds {os.path.getsize(path):,} bytes").splitlines()[0][:200]
-        raise CheckpointError(f"{path} could not be read as a CLIP checkpoint ({type(exc).__name__}: {detail}); "
+        raise CheckpointError(f"{path} could not be read as a CLIP checkpoint ({cause(exc, path)}); "
                               "expected an OpenAI .pt archive, an OpenCLIP state dict, or a .safetensors file") from None
     return (*_unwrap(obj, path), "torch")
 

@@ -36,7 +36,7 @@ import time
 import torch
 
 from ..model import weights
-from ..model.weights import CheckpointError, is_complete, list_complete
+from ..model.weights import CheckpointError, cause, is_complete, list_complete
 
 # the file names of a checkpoint, and the completeness test, are model/weights.py's (it reads checkpoints too)
 COMPLETE, MODEL_FILE, DS_TAG = weights.COMPLETE, weights.MODEL_FILE, weights.DS_TAG
@@ -183,12 +183,11 @@ def write_failed(tmp: str, exc: Exception) -> CheckpointError:
     """The one sentence of a checkpoint write that failed (a full disk, mostly: DeepSpeed's torch.save
     reports it as "unexpected pos ..."); the partial temporary checkpoint is removed first."""
     shutil.rmtree(tmp, ignore_errors=True)
-    detail = (str(exc) or type(exc).__name__).splitlines()[0][:200]
     try:
         free = f"{shutil.disk_usage(os.path.dirname(tmp)).free / 2**30:.2f} GiB free there"
     except OSError:
         free = "free space unknown"
-    return CheckpointError(f"writing checkpoint {tmp} failed ({type(exc).__name__}: {detail}; {free}: a full disk?); "
+    return CheckpointError(f"writing checkpoint {tmp} failed ({cause(exc)}; {free}: a full disk?); "
                            "its partial files were removed and the previous checkpoint is intact: free space, then "
                            "continue with --resume auto")
 
@@ -209,8 +208,7 @@ def load_trainer_state(path: str, rank: int) -> dict:
     try:
         return torch.load(target, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated (a full disk), empty, or a pickle that would need code to load
-        detail = (str(exc) or f"no message; {os.path.getsize(target):,} bytes").splitlines()[0][:200]
-        raise CheckpointError(f"{target} cannot be read ({type(exc).__name__}: {detail}): this checkpoint is "
+        raise CheckpointError(f"{target} cannot be read ({cause(exc, target)}): this checkpoint is "
                               "damaged; resume from an earlier one (pass its path to --resume)") from None
 
 

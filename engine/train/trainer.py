@@ -465,9 +465,10 @@ class Trainer:
             load_path, _ = self.engine.load_checkpoint(path, tag=DS_TAG, load_optimizer_states=True,
                                                        load_lr_scheduler_states=True)
         except Exception as exc:  # damaged after it was written (its sizes still match): one sentence
-            detail = (str(exc) or type(exc).__name__).splitlines()[0][:160]
+            from ..model.weights import cause
+
             raise CheckpointError(f"cannot resume from {path}: DeepSpeed's files there cannot be read "
-                                  f"({type(exc).__name__}: {detail}); resume from an earlier checkpoint "
+                                  f"({cause(exc)}); resume from an earlier checkpoint "
                                   "(pass its path to --resume)") from None
         if load_path is None:
             raise CheckpointError(f"{path} holds no readable DeepSpeed checkpoint (tag '{DS_TAG}')")
