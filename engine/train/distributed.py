@@ -39,7 +39,6 @@ def shutdown_distributed() -> None:
     failed = _stop_watchdog()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-        _forget_deepspeed_groups()
     _remove_own_shm_buffers()
     addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
     if failed and addr and port:
@@ -50,7 +49,8 @@ def _forget_deepspeed_groups() -> None:
     """DeepSpeed caches the groups it derived from the world (its clone of the world group, the data-parallel
     group) in module globals; once the world is destroyed they name dead groups, and the next process
     group in this process (a second run in a notebook or a test session) failed in deepspeed.initialize
-    with "Group ... is not registered". Clear them with the world."""
+    with "Group ... is not registered". `init_distributed` clears them before it makes a world (however the
+    earlier one was destroyed)."""
     import sys
 
     groups = sys.modules.get("deepspeed.utils.groups")
