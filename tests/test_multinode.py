@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from clipforge.train.distributed import config_differences, free_port, remove_shm_buffers
-from test_train import _env, assert_losses_close, one_rank, read_metrics, run_main, write_config  # noqa: F401 (one_rank: a fixture)
+from test_train import _env, assert_losses_close, one_rank, read_metrics, straight_run, write_config  # noqa: F401 (one_rank: a fixture)
 
 pytest.importorskip("deepspeed")
 
@@ -41,11 +41,7 @@ HERE = os.path.abspath(__file__)
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory, one_rank):
     """The uninterrupted run's metrics (in this process, one rank)."""
-    tmp = tmp_path_factory.mktemp("straight")
-    assert run_main(write_config(tmp, "straight", **SECTIONS)) == 0
-    rows = read_metrics(tmp / "straight")
-    assert [r["step"] for r in rows] == list(range(1, MAX_STEPS + 1))
-    return rows
+    return straight_run(tmp_path_factory.mktemp("straight"), SECTIONS)
 
 
 # ------------------------------------------------------------------------------------ helpers

@@ -24,7 +24,7 @@ import time
 import pytest
 
 from clipforge.train.distributed import free_port
-from test_train import _env, assert_losses_close, one_rank, read_metrics, run_main, write_config  # noqa: F401 (one_rank: a fixture)
+from test_train import _env, assert_losses_close, one_rank, read_metrics, run_main, straight_run, write_config  # noqa: F401 (one_rank: a fixture)
 
 psutil = pytest.importorskip("psutil")  # a dependency of deepspeed
 
@@ -37,11 +37,7 @@ PICK = random.Random(20261201)  # the steps at which the signals are sent: rando
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory, one_rank):
     """The uninterrupted run's metrics (in this process, one rank)."""
-    tmp = tmp_path_factory.mktemp("straight")
-    assert run_main(write_config(tmp, "straight", **SECTIONS)) == 0
-    rows = read_metrics(tmp / "straight")
-    assert [r["step"] for r in rows] == list(range(1, MAX_STEPS + 1))
-    return rows
+    return straight_run(tmp_path_factory.mktemp("straight"), SECTIONS)
 
 
 def _child_env(**extra) -> dict:

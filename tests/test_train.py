@@ -132,6 +132,14 @@ def run_two_ranks(config: str, *args, script=("-m", "clipforge.train"), extra=()
     return outputs
 
 
+def straight_run(tmp, sections: dict) -> list[dict]:
+    """The metrics of an uninterrupted in-process run of `sections` (for interrupted runs to equal)."""
+    assert run_main(write_config(tmp, "straight", **sections)) == 0
+    rows = read_metrics(tmp / "straight")
+    assert [r["step"] for r in rows] == list(range(1, sections["max_steps"] + 1))
+    return rows
+
+
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory, one_rank):
     """One process, the whole global batch of 16 in one forward (no caching), ZeRO 0, 3 steps."""
