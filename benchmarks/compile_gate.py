@@ -15,7 +15,8 @@ then bound and specialised by Triton's own binder for that target (the runtime's
 divisibility attributes and options; meta tensors report their offsets as addresses, so a view's
 alignment is what it would be on the GPU), compiled with `triton.compile`, and `ptxas -v` gives its
 registers and spills. The loss cases drive `clipforge.loss`'s own Triton path (forward statistics and
-the row-chunked backward), so the kernels are compiled at the chunk shapes training launches.
+the row-chunked backward), and the siglip cases `clipforge.siglip_loss`'s (the value-only kernel, and the
+gradient tiles of its row-chunked loss-and-gradients pass), so the kernels are compiled at the chunk shapes training launches.
 
 It fails (exit 1; `--report-only` just prints) on:
 - a compile error;
@@ -57,13 +58,15 @@ ATTENTION_SHAPES = [
     ("hd128-s197", 2, 8, 197, 128, False),
     ("hd128-s577", 2, 8, 577, 128, False),
 ]
-# loss: (local image rows, gathered text columns, d); 256 / 4096 local rows of a 32k global batch
+# loss, siglip: (local image rows, gathered text columns, d); 256 / 4096 local rows of a 32k global batch
 LOSS_SHAPES = [(rows, 32768, d) for rows in (256, 4096) for d in (512, 768, 1024)]
+OPS = ("attention", "loss", "siglip")
 DTYPES = ("bfloat16", "float16", "float32")
 # the CI subset: the text tower's causal shape (fused backward on sm90, split on sm80), an image tower's
 # pipelined key loop in bf16 and in fp32 (where 224 KiB of shared memory once overflowed sm80), the loss
 QUICK = {("attention", "text-s77-causal", "bfloat16"), ("attention", "vit-b16-s197", "bfloat16"),
-         ("attention", "vit-b16-s197", "float32"), ("loss", "n256-m32768-d768", "bfloat16")}
+         ("attention", "vit-b16-s197", "float32"), ("loss", "n256-m32768-d768", "bfloat16"),
+         ("siglip", "n256-m32768-d768", "bfloat16"), ("siglip", "n256-m32768-d768", "float16")}
 
 
 class _Recorder:
@@ -175,20 +178,37 @@ def _loss_launches(shape, dtype_name, arch, log):
         impl.backward(image, text, 14.3, row_lse, col_lse, 0, 1.0 / (2 * cols))
 
 
-def cases(quick: bool, ops=("attention", "loss"), dtypes=DTYPES):
+def _siglip_launches(shape, dtype_name, arch, log):
+    import torch
+
+    from clipforge.siglip_loss import _SigLipImpl
+
+    kernel = importlib.import_module("clipforge.kernels.siglip")
+    rows, cols, dim = shape
+    dtype = getattr(torch, dtype_name)
+    with recording(kernel, arch, log):
+        image = torch.empty(rows, dim, dtype=dtype, device="meta")
+        text = torch.empty(cols, dim, dtype=dtype, device="meta")
+        impl = _SigLipImpl("triton", None)
+        impl.forward(image, text, 10.0, -10.0, 0)  # the value alone (no gradient wanted)
+        impl.forward_backward(image, text, 10.0, -10.0, 0, 1.0 / cols)  # value and gradients: the training path
+
+
+def cases(quick: bool, ops=OPS, dtypes=DTYPES):
     """(op, shape name, dtype, launch function of (arch, log)) for every case of the gate."""
     out = []
     for shape in ATTENTION_SHAPES if "attention" in ops else []:
         for dtype in DTYPES:
             out.append(("attention", shape[0], dtype, lambda arch, log, s=shape, d=dtype: _attention_launches(s, d, arch, log)))
-    for shape in LOSS_SHAPES if "loss" in ops else []:
-        for dtype in DTYPES:
-            name = f"n{shape[0]}-m{shape[1]}-d{shape[2]}"
-            out.append(("loss", name, dtype, lambda arch, log, s=shape, d=dtype: _loss_launches(s, d, arch, log)))
+    for op, launch in (("loss", _loss_launches), ("siglip", _siglip_launches)):
+        for shape in LOSS_SHAPES if op in ops else []:
+            for dtype in DTYPES:
+                name = f"n{shape[0]}-m{shape[1]}-d{shape[2]}"
+                out.append((op, name, dtype, lambda arch, log, s=shape, d=dtype, f=launch: f(s, d, arch, log)))
     return [c for c in out if (not quick or c[:3] in QUICK) and c[2] in dtypes]
 
 
-def run(quick: bool, archs, ops=("attention", "loss"), dtypes=DTYPES, stream=sys.stdout):
+def run(quick: bool, archs, ops=OPS, dtypes=DTYPES, stream=sys.stdout):
     """Compile every case for every arch. Returns one row (dict) per recorded launch."""
     from clipforge.kernels.utils import is_interpreted
 
@@ -255,7 +275,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the CI subset")
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(SHARED_LIMIT))
-    parser.add_argument("--op", nargs="+", default=["attention", "loss"], choices=["attention", "loss"])
+    parser.add_argument("--op", nargs="+", default=list(OPS), choices=list(OPS))
     parser.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=DTYPES)
     parser.add_argument("--json", help="write the rows to this file")
     parser.add_argument("--report-only", action="store_true", help="exit 0 even when a kernel fails the gate")

@@ -7,3 +7,4 @@ from .model.tokenizer import tokenize
 from .model.factory import create_model_and_transforms, get_tokenizer
 from .model.transforms import image_transform
 from .loss import contrastive_loss, ContrastiveLoss
+from .siglip_loss import siglip_loss, SigLipLoss

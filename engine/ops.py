@@ -6,6 +6,8 @@
 |                   | else sdpa                                 |                                   |                     |
 | contrastive_loss  | triton (fp16/bf16 features),              | chunked                           | cpp (clipforge._C), |
 |                   | else chunked (fp32, float64)              |                                   | else chunked        |
+| siglip_loss       | triton (fp16/bf16 features),              | chunked                           | cpp (clipforge._C), |
+|                   | else chunked (fp32, float64)              |                                   | else chunked        |
 | chunked_topk      | torch (blocked GEMM + top-k)              | torch                             | cpp (clipforge._C), |
 |                   |                                           |                                   | else torch          |
 
@@ -17,6 +19,9 @@
   to the vendor kernels (xformers / SDPA) and the loss to "chunked": the same row-chunked algorithm as
   the fused loss in PyTorch GEMMs (cuBLAS fp16 tensor cores with fp32 results on V100). A forced
   "triton" on such a device is refused with one sentence.
+- The two losses (softmax `contrastive_loss`, sigmoid `siglip_loss`) share one rule and one set of
+  backends (CONTRASTIVE_BACKENDS): same table, same refusals, each with its own variable
+  (CLIPFORGE_BACKEND_CONTRASTIVE_LOSS, CLIPFORGE_BACKEND_SIGLIP_LOSS).
 - fp32 features never run exact-fp32 dots on Triton by default: the loss sends them to "chunked"
   (cuBLAS fp32 GEMMs, TF32 when the user enables it with torch.backends.cuda.matmul), attention to
   SDPA. Forced, the Triton loss runs 3xTF32 dots; forced fp32 attention runs exact dots with tiles
@@ -105,6 +110,29 @@ def select_attention_backend(
     return "xformers" if _has_module("xformers") else "sdpa"
 
 
+def _select_loss_backend(op: str, what: str, device: torch.device, backend: str, dtype, cpp) -> str:
+    """The one rule of both fused losses (see the table): `op` names the environment variable, `what`
+    the loss in refusals, `cpp` says whether clipforge._C serves it."""
+    backend = _check(op, backend.lower(), CONTRASTIVE_BACKENDS)
+    if backend == "auto":
+        backend = _check(op, _env_backend(op) or "auto", CONTRASTIVE_BACKENDS)
+    cap = _cuda_capability(device)
+    if backend == "triton":
+        _refuse_old_gpu(what, cap, "chunked")
+        if dtype == torch.float64:
+            raise ValueError(f"the Triton {what} never takes float64 features; use backend='chunked' "
+                             "(any device) or 'cpp' (CPU)")
+    if backend == "cpp" and not cpp:
+        raise RuntimeError(f"the 'cpp' {what} backend needs clipforge._C (built from the current sources); build it "
+                           "with `pip install --no-build-isolation -e .` or use backend='chunked'")
+    if backend != "auto":
+        return backend
+    if device.type == "cuda":
+        half = dtype in (None, torch.float16, torch.bfloat16)
+        return "triton" if cap >= TRITON_MIN_CAPABILITY and half else "chunked"
+    return "cpp" if cpp else "chunked"
+
+
 def select_contrastive_backend(device: torch.device, backend: str = "auto", *, dtype: torch.dtype | None = None) -> str:
     """Resolve the contrastive-loss backend for features of `dtype` on `device` (see the table above).
 
@@ -112,24 +140,14 @@ def select_contrastive_backend(device: torch.device, backend: str = "auto", *, d
     (sm70 / sm75, fp32, float64), cpp on CPU (chunked when clipforge._C is not built). A forced "triton"
     is refused for float64 features and on sm70 / sm75.
     """
-    backend = _check("contrastive_loss", backend.lower(), CONTRASTIVE_BACKENDS)
-    if backend == "auto":
-        backend = _check("contrastive_loss", _env_backend("contrastive_loss") or "auto", CONTRASTIVE_BACKENDS)
-    cap = _cuda_capability(device)
-    if backend == "triton":
-        _refuse_old_gpu("contrastive loss", cap, "chunked")
-        if dtype == torch.float64:
-            raise ValueError("the Triton contrastive loss never takes float64 features; use backend='chunked' "
-                             "(any device) or 'cpp' (CPU)")
-    if backend == "cpp" and cpp_extension() is None:
-        raise RuntimeError("the 'cpp' contrastive backend needs clipforge._C; build it with "
-                           "`pip install --no-build-isolation -e .` or use backend='chunked'")
-    if backend != "auto":
-        return backend
-    if device.type == "cuda":
-        half = dtype in (None, torch.float16, torch.bfloat16)
-        return "triton" if cap >= TRITON_MIN_CAPABILITY and half else "chunked"
-    return "cpp" if cpp_extension() is not None else "chunked"
+    return _select_loss_backend("contrastive_loss", "contrastive loss", device, backend, dtype,
+                                cpp_extension() is not None)
+
+
+def select_siglip_backend(device: torch.device, backend: str = "auto", *, dtype: torch.dtype | None = None) -> str:
+    """Resolve the SigLIP-loss backend: the contrastive loss's rule (see the table above), with "cpp" only
+    when clipforge._C has the sigmoid loss (an extension built from older sources has not: chunked)."""
+    return _select_loss_backend("siglip_loss", "SigLIP loss", device, backend, dtype, _cpp_siglip() is not None)
 
 
 def contrastive_kernels(backend: str):
@@ -143,6 +161,29 @@ def contrastive_kernels(backend: str):
 
         return contrastive
     return None
+
+
+def siglip_kernels(backend: str):
+    """The module of a resolved SigLIP backend: clipforge._C for "cpp" (siglip_forward and
+    siglip_forward_backward), kernels.siglip for "triton", None for "chunked" / "torch" (siglip_loss.py's
+    own PyTorch code)."""
+    if backend == "cpp":
+        return _cpp_siglip()
+    if backend == "triton":
+        from .kernels import siglip
+
+        return siglip
+    return None
+
+
+def _cpp_siglip():
+    ext = cpp_extension()  # warns once when the extension is not built
+    if ext is None:
+        return None
+    if not hasattr(ext, "siglip_forward"):
+        _warn_stale_extension("siglip_forward", "the SigLIP loss uses its 'chunked' PyTorch backend")
+        return None
+    return ext
 
 
 def select_topk_backend(device: torch.device, backend: str = "auto") -> str:
@@ -278,20 +319,20 @@ def _cpp_topk():
         return None
     fn = getattr(ext, "chunked_topk", None)
     if fn is None:
-        _warn_stale_extension()
+        _warn_stale_extension("chunked_topk", "retrieval uses the PyTorch chunked top-k")
     return fn
 
 
-_warned_stale = False
+_warned_stale: set[str] = set()
 
 
-def _warn_stale_extension():
-    global _warned_stale
-    if not _warned_stale:
-        _warned_stale = True
+def _warn_stale_extension(name: str, fallback: str):
+    """One warning per missing function of an extension built from older sources."""
+    if name not in _warned_stale:
+        _warned_stale.add(name)
         warnings.warn(
-            "clipforge._C has no chunked_topk (built from older sources); retrieval uses the PyTorch "
-            "chunked top-k. Rebuild with `pip install --no-build-isolation -e .`.",
+            f"clipforge._C has no {name} (built from older sources); {fallback}. "
+            "Rebuild with `pip install --no-build-isolation -e .`.",
             RuntimeWarning,
             stacklevel=4,
         )

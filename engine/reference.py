@@ -32,6 +32,15 @@ def contrastive_loss(image_features, text_features, logit_scale):
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
 
 
+def siglip_loss(image_features, text_features, logit_scale, logit_bias):
+    """SigLIP's sigmoid loss (Zhai et al. 2023; OpenCLIP's SigLipLoss on one process; `logit_scale` already
+    exponentiated): logits = t · I Tᵀ + b (N×N), labels z = 2·eye - 1, loss = -Σ log σ(z · logits) / N."""
+    logits = logit_scale * image_features @ text_features.t() + logit_bias  # (N, N)
+    n = logits.shape[0]
+    labels = 2 * torch.eye(n, device=logits.device, dtype=logits.dtype) - 1
+    return -F.logsigmoid(labels * logits).sum() / n
+
+
 def retrieval_recall(image_emb, text_emb, text_to_image, ks=(1, 5, 10)):
     """Image->text and text->image recall@K from the full (captions x images) score matrix, as OpenCLIP's
     retrieval evaluation computes it. text_to_image: (M,) image index of every caption.

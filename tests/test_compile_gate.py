@@ -35,14 +35,17 @@ def test_quick_gate_compiles_every_kernel_for_sm80_and_sm90(tmp_path):
     seen = {(r["op"], r["kernel"], r["arch"]) for r in rows}
     for arch in (80, 90):
         assert ("loss", "contrastive_fwd", arch) in seen and ("loss", "contrastive_probs", arch) in seen
+        assert ("siglip", "siglip_fwd", arch) in seen and ("siglip", "siglip_grad", arch) in seen
         assert ("attention", "attention_fwd", arch) in seen and ("attention", "attention_bwd_dq", arch) in seen
     # 77 tokens: the fused backward on sm90, the split one on sm80; fp32 (forced) compiled too
     assert ("attention", "attention_bwd_fused", 90) in seen and ("attention", "attention_bwd_dkdv", 80) in seen
     assert {r["dtype"] for r in rows if r["op"] == "attention"} == {"bfloat16", "float32"}
-    # the loss forward splits 256 rows x 32768 columns over at least one program per SM (2 row blocks)
-    fwd = [r for r in rows if r["kernel"] == "contrastive_fwd"]
-    assert fwd and all(r["grid"][0] == 2 and r["grid"][0] * r["grid"][1] >= compile_gate.SM_COUNT[r["arch"]]
-                       for r in fwd)
+    # the sigmoid loss's kernels in both half dtypes the ops table routes to Triton
+    assert {r["dtype"] for r in rows if r["op"] == "siglip"} == {"bfloat16", "float16"}
+    # both losses' forwards split 256 rows x 32768 columns over at least one program per SM (2 row blocks)
+    fwd = [r for r in rows if r["kernel"] in ("contrastive_fwd", "siglip_fwd")]
+    assert {r["kernel"] for r in fwd} == {"contrastive_fwd", "siglip_fwd"}
+    assert all(r["grid"][0] == 2 and r["grid"][0] * r["grid"][1] >= compile_gate.SM_COUNT[r["arch"]] for r in fwd)
 
 
 def test_gate_refuses_what_only_the_interpreter_accepts(tmp_path):
