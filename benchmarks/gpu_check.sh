@@ -10,16 +10,18 @@
 # --quick, each step under its own time cap inside a 240 s deadline, writing under $OUT as it goes (so a
 # step cut short, or the whole call, still returns what finished):
 #   install  the carried wheels into /tmp/site and a symlink shim for clipforge (no C++ build)      ~10 s
-#   tests    pytest -m cuda on both kernels' files (tests/test_attention.py, tests/test_contrastive.py) 75 s
-#   bench    attention at 50/77/197/257 tokens (ours, SDPA flash / efficient / cuDNN, xformers)     60 s
-#            loss at N = 32768, d = 768, bf16 (ours, chunked, reference, ClipLoss, 4 x torch.mm)    40 s
+#   tests    pytest -m cuda on the kernels' files (tests/test_attention.py, tests/test_contrastive.py,
+#            tests/test_siglip.py)                                                                  75 s
+#   bench    attention at 50/77/197/257 tokens (ours, SDPA flash / efficient / cuDNN, xformers)     55 s
+#            loss at N = 32768, d = 768, bf16 (ours, chunked, reference, ClipLoss, 4 x torch.mm)    35 s
 #            one train step of ViT-B/32 at 256 per GPU, bf16, with MFU (clipforge vs OpenCLIP)      45 s
+#            SigLIP loss at N = 32768, d = 768, bf16 (ours, chunked, SigLipLoss, 4 x torch.mm)      25 s
 #   without a GPU (a CPU emulation of the stack): the compile gate (benchmarks/compile_gate.py --quick)
 #   instead of the benchmarks, which need CUDA.
 # Files under $OUT (the device tool brings back at most 8): gpu_check.log (everything printed), tests.jsonl
 # and rows.jsonl (one JSON line per finished test / benchmark row, benchmarks/jsonl_report.py),
-# bench_attention.json, bench_contrastive.json, bench_train_step.json (pytest-benchmark, written when each
-# file's session ends), summary.txt.
+# bench_attention.json, bench_contrastive.json, bench_siglip.json, bench_train_step.json (pytest-benchmark,
+# written when each file's session ends), summary.txt.
 #
 # Environment:
 #   OUT                  results folder (the device tool sets it; default runs/gpu_check/<time>)
@@ -115,7 +117,7 @@ export PYTHONPATH="$ROOT/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
 PYTEST=("$PY" -m pytest -q -rfEs -p no:cacheprovider -p jsonl_report)
 
 if [ "${GPU_CHECK_TESTS:-1}" != 0 ]; then
-  if [ "$QUICK" = 1 ]; then tests=(tests/test_attention.py tests/test_contrastive.py); else tests=(tests); fi
+  if [ "$QUICK" = 1 ]; then tests=(tests/test_attention.py tests/test_contrastive.py tests/test_siglip.py); else tests=(tests); fi
   say "GPU tests: pytest -m cuda ${tests[*]}"
   # --continue-on-collection-errors: a test module whose optional dependency is missing here (e.g. DALI)
   # must not stop the others; its error is still counted in the exit status.
@@ -127,14 +129,16 @@ if [ "${GPU_CHECK_BENCH:-1}" != 0 ] && [ "$HAS_GPU" = 1 ]; then
   if [ "$#" -gt 0 ]; then benches=("$@"); else benches=(benchmarks/bench_*.py); fi
   if [ "$QUICK" = 1 ]; then
     export CLIPFORGE_BENCH_QUICK=1
-    benches=(benchmarks/bench_attention.py benchmarks/bench_contrastive.py benchmarks/bench_train_step.py)
+    # the SigLIP loss last: what the deadline leaves after the train step (its MFU matters more)
+    benches=(benchmarks/bench_attention.py benchmarks/bench_contrastive.py benchmarks/bench_train_step.py
+             benchmarks/bench_siglip.py)
   fi
   for bench in "${benches[@]}"; do
     [ -f "$bench" ] || { echo "no such benchmark file: $bench"; status=1; continue; }
     name="$(basename "$bench" .py)"
     select=(-m cuda)
     [ "${GPU_CHECK_BENCH_CPU:-0}" = 1 ] && [ "$QUICK" = 0 ] && select=()
-    case "$name" in bench_attention) limit=60 ;; bench_contrastive) limit=40 ;; *) limit=45 ;; esac
+    case "$name" in bench_attention) limit=55 ;; bench_contrastive) limit=35 ;; bench_siglip) limit=25 ;; *) limit=45 ;; esac
     say "benchmark $bench"
     CLIPFORGE_JSONL="$OUT/rows.jsonl" run_step "$name" "$(cap $limit)" \
       "${PYTEST[@]}" "$bench" "${select[@]}" --benchmark-only --benchmark-json="$OUT/$name.json" \
