@@ -274,6 +274,9 @@ class CLIP(_EmbeddingMethods, nn.Module):
         self.ln_final = LayerNorm(t.width)
         self.text_projection = nn.Parameter(torch.empty(t.width, cfg.embed_dim))
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
+        # SigLIP's logit bias, a parameter only when the config has one (OpenCLIP's init_logit_bias)
+        bias = cfg.init_logit_bias
+        self.logit_bias = nn.Parameter(torch.tensor(float(bias))) if bias is not None else None
         self.init_parameters()
         self.set_grad_checkpointing(cfg.grad_checkpointing)
 
@@ -352,12 +355,14 @@ class CLIP(_EmbeddingMethods, nn.Module):
         return self.text_projection.dtype
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor):
-        """-> (image_features, text_features, logit_scale): L2-normalised features, exp(scale)."""
-        return (
+        """-> (image_features, text_features, logit_scale): L2-normalised features, exp(scale); a model with
+        a logit bias (SigLIP) returns it fourth, as OpenCLIP's CLIP does."""
+        out = (
             self.encode_image(images, normalize=True),
             self.encode_text(tokens, normalize=True),
             self.logit_scale.exp(),
         )
+        return out if self.logit_bias is None else (*out, self.logit_bias)
 
 
 def create_model(name: str, **overrides) -> CLIP:

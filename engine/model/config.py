@@ -84,6 +84,8 @@ class CLIPConfig:
     text: TextConfig = field(default_factory=TextConfig)
     quick_gelu: bool = True  # OpenAI's released weights; OpenCLIP's LAION weights use plain GELU
     init_logit_scale: float = math.log(1 / 0.07)
+    # SigLIP's learnable logit bias b (the paper's -10 with init_logit_scale log 10); None: no bias (CLIP)
+    init_logit_bias: float | None = None
     attention_backend: str = "auto"  # see clipforge.ops
     grad_checkpointing: bool = False
 
@@ -91,6 +93,9 @@ class CLIPConfig:
         self.vision.validate()
         self.text.validate()
         _positive("embed_dim", self.embed_dim)
+        b = self.init_logit_bias
+        if b is not None and (isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b)):
+            raise ConfigError(f"config key 'init_logit_bias' must be a finite number or null, got {b!r}")
         if self.vision.is_resnet:
             self.vision.layers = tuple(self.vision.layers)
 

@@ -285,9 +285,7 @@ def _family(sd: Mapping[str, Any]) -> str | None:
         return "a custom text tower (CustomTextCLIP, text.*)"
     if any(k.endswith(("ls_1.gamma", "ls_2.gamma")) for k in keys):
         return "layer scale (ls_1 / ls_2 gains in the residual blocks, e.g. ViT-M-16-alt)"
-    if "logit_bias" in sd:
-        return "SigLIP (a sigmoid-loss logit_bias)"
-    return None
+    return None  # (a plain ViT / ResNet with a top-level logit_bias is SigLIP-trained: it loads, bias and all)
 
 
 def refuse_other_families(sd: Mapping[str, Any], where: str) -> None:
@@ -464,6 +462,8 @@ def load(
         raise CheckpointError(_ambiguous(sd, where))
     if quick_gelu is not None:
         cfg.quick_gelu = quick_gelu
+    if "logit_bias" in sd and cfg.init_logit_bias is None:  # SigLIP-trained (OpenCLIP --siglip): a bias parameter
+        cfg = cfg.replace(init_logit_bias=float(sd["logit_bias"].reshape(-1)[0]))
     _check_layers(cfg, sd, where)  # before any module is built: a config can declare millions of layers
     with torch.device("meta"):
         model = CLIP(cfg)
