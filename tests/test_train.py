@@ -198,12 +198,13 @@ def reference_gradients(cfg) -> dict:
     from clipforge.data.synthetic import SyntheticPairs
 
     torch.manual_seed(cfg.seed)  # the trainer's initial weights
-    model = clipforge.create_model(cfg.model.name, **cfg.model.overrides)
+    model = clipforge.create_model(cfg.model.name, **cfg.model_overrides())
     text = model.config.text
     data = SyntheticPairs(cfg.data, image_size=model.config.vision.image_size, vocab_size=text.vocab_size,
                           context_length=text.context_length, global_batch=cfg.batch.global_size)
     images, tokens = data.next_batch()
-    reference.contrastive_loss(*model(images, tokens)).backward()
+    loss = reference.siglip_loss if cfg.loss.kind == "siglip" else reference.contrastive_loss
+    loss(*model(images, tokens)).backward()
     return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
@@ -214,8 +215,10 @@ def assert_gradients_close(got: dict, want: dict):
         assert got[name].shape == want[name].shape, name
         err = (got[name] - want[name]).abs().max().item()
         assert err <= 1e-6 + 1e-4 * want[name].abs().max().item(), f"{name}: gradient off by {err:.3g}"
-    # the scale's gradient is counted once, not once per micro-batch or rank
-    assert got["logit_scale"].item() == pytest.approx(want["logit_scale"].item(), rel=1e-4)
+    # the scale's (and SigLIP's bias's) gradient is counted once, not once per micro-batch or rank
+    for name in ("logit_scale", "logit_bias"):
+        if name in want:
+            assert got[name].item() == pytest.approx(want[name].item(), rel=1e-4), name
 
 
 def capture_first_gradients(trainer) -> dict:
@@ -230,21 +233,26 @@ def capture_first_gradients(trainer) -> dict:
     return captured
 
 
-@pytest.mark.parametrize("micro, grad_checkpointing, backend",
-                         [(16, False, "auto"), (4, False, "auto"), (1, False, "auto"), (4, True, "auto"),
-                          (4, False, "torch")])
-def test_step_gradient_equals_full_batch_gradient(tmp_path, one_rank, micro, grad_checkpointing, backend):
+@pytest.mark.parametrize("micro, grad_checkpointing, backend, kind",
+                         [(16, False, "auto", "clip"), (4, False, "auto", "clip"), (1, False, "auto", "clip"),
+                          (4, True, "auto", "clip"), (4, False, "torch", "clip"),
+                          (16, False, "auto", "siglip"), (4, False, "auto", "siglip"), (4, False, "torch", "siglip")])
+def test_step_gradient_equals_full_batch_gradient(tmp_path, one_rank, micro, grad_checkpointing, backend, kind):
     """What DeepSpeed steps with is the plain gradient of the loss over the global batch, whatever the
     micro-batch (1 = sixteen cached forwards), with activation checkpointing on or off, with the chunked
-    C++ loss (auto on CPU) or the PyTorch one."""
+    C++ loss (auto on CPU) or the PyTorch one; for SigLIP's loss too, bias included."""
     from clipforge.train.config import TrainConfig
     from clipforge.train.trainer import Trainer
 
     cfg = TrainConfig.from_dict(_merge(BASE, {"batch": {"micro_size": micro}, "output_dir": str(tmp_path),
                                               "model": {"grad_checkpointing": grad_checkpointing},
-                                              "loss": {"backend": backend}}))
+                                              "loss": {"backend": backend, "kind": kind}}))
     trainer = Trainer(cfg)
     assert trainer.module.transformer.grad_checkpointing is grad_checkpointing
+    # SigLIP's initialisation (t = 10, b = -10); CLIP's model has no bias
+    assert (trainer.module.logit_bias is not None) is (kind == "siglip")
+    if kind == "siglip":
+        assert trainer.logit_scale() == pytest.approx(10.0) and trainer.logit_bias() == -10.0
     assert_gradients_close(capture_first_gradients(trainer), reference_gradients(cfg))
 
 
@@ -272,15 +280,18 @@ def test_gradient_caching_replays_rng(one_rank, tmp_path):
     assert_weights_close(cached, full, atol=1e-4)
 
 
-@pytest.mark.parametrize("stage, micro", [(1, 8), (2, 4), (3, 4)])
-def test_zero_two_ranks_match_one_process(reference_run, tmp_path, stage, micro):
-    """2 gloo ranks, ZeRO 1/2/3 (micro-batch 8: no caching; 4: caching), 3 steps of the training loop:
+@pytest.mark.parametrize("stage, micro, kind", [(1, 8, "clip"), (2, 4, "clip"), (3, 4, "clip"),
+                                               (2, 4, "siglip"), (3, 8, "siglip")])
+def test_zero_two_ranks_match_one_process(reference_run, tmp_path, one_rank, stage, micro, kind):
+    """2 gloo ranks, ZeRO 1/2/3 (micro-batch 8: no caching; 4: caching), 3 steps of the training loop,
+    with CLIP's loss and with SigLIP's (loss.kind: siglip, the model's logit bias trained too):
     - the reduced gradient DeepSpeed steps with at step 1 equals one process's plain autograd gradient
       over the global batch (the loss's cross-rank convention, DeepSpeed's average, 1/GAS accounted for);
-    - per-step losses and final weights equal the 1-process run's."""
+    - per-step losses and final weights equal the 1-process run's within 1e-5."""
     from clipforge.train.config import TrainConfig
 
-    config = write_config(tmp_path, f"zero{stage}", batch={"micro_size": micro}, deepspeed={"zero_stage": stage})
+    config = write_config(tmp_path, f"zero{stage}", batch={"micro_size": micro}, deepspeed={"zero_stage": stage},
+                          loss={"kind": kind})
     grads = tmp_path / "grads.pt"
     run_two_ranks(config, script=[os.path.abspath(__file__), "probe"], extra=[str(grads)])
     assert_gradients_close(torch.load(grads, weights_only=True), reference_gradients(TrainConfig.load(config)))
@@ -288,6 +299,12 @@ def test_zero_two_ranks_match_one_process(reference_run, tmp_path, stage, micro)
     ds = json.loads((out / "deepspeed_config.json").read_text())
     assert ds["gradient_accumulation_steps"] == 16 // (2 * micro) and ds["zero_optimization"]["stage"] == stage
     ref_metrics, ref_weights = reference_run
+    if kind == "siglip":  # its own one-process run (no caching, ZeRO 0)
+        assert run_main(write_config(tmp_path, "ref", loss={"kind": kind})) == 0
+        ref_metrics, ref_weights = read_metrics(tmp_path / "ref"), read_weights(tmp_path / "ref")
+        bias = [r["logit_bias"] for r in ref_metrics]
+        assert bias[0] != -10.0 and len(set(bias)) == 3  # the bias trains
+        assert [r["logit_bias"] for r in read_metrics(out)] == pytest.approx(bias, abs=TOL)
     assert_losses_close(read_metrics(out), ref_metrics)
     assert_weights_close(read_weights(out), ref_weights)
 
@@ -412,10 +429,11 @@ def test_intermediate_checkpoints_evaluate_like_the_final_model(tmp_path, capsys
 
 
 
-@pytest.mark.parametrize("stage", [1, 3])
-def test_resume_matches_straight_run(tmp_path, one_rank, stage):
-    """6 steps straight == 3 steps, then --resume auto for 3 more; an interrupted checkpoint is ignored."""
-    sections = dict(batch={"micro_size": 8}, deepspeed={"zero_stage": stage}, max_steps=6,
+@pytest.mark.parametrize("stage, kind", [(1, "clip"), (3, "clip"), (3, "siglip")])
+def test_resume_matches_straight_run(tmp_path, one_rank, stage, kind):
+    """6 steps straight == 3 steps, then --resume auto for 3 more; an interrupted checkpoint is ignored.
+    Under SigLIP's loss the bias resumes too, and the run's model loads with it."""
+    sections = dict(batch={"micro_size": 8}, deepspeed={"zero_stage": stage}, max_steps=6, loss={"kind": kind},
                     checkpointing={"every_steps": 3, "keep_last": 2, "save_final": True})
     straight = write_config(tmp_path, "straight", **sections)
     assert run_main(straight) == 0
@@ -435,6 +453,12 @@ def test_resume_matches_straight_run(tmp_path, one_rank, stage):
     assert_losses_close(a, b)
     assert [r["lr"] for r in a] == pytest.approx([r["lr"] for r in b], abs=1e-12)
     assert_weights_close(read_weights(tmp_path / "straight"), read_weights(tmp_path / "resumed"), atol=1e-6)
+    if kind == "siglip":
+        import clipforge
+
+        model = clipforge.load(str(tmp_path / "resumed"))  # the run's model.safetensors, bias and all
+        assert model.logit_bias.item() == pytest.approx(float(read_weights(tmp_path / "straight")["logit_bias"]))
+        assert clipforge.load(str(ckpts / "step_000003")).logit_bias.item() != model.logit_bias.item()
     # the last 2 complete checkpoints are kept, the crash's temp dir is cleaned up; the incomplete
     # step_000005 (not ours to judge) stays, ignored
     assert sorted(os.listdir(ckpts)) == ["step_000003", "step_000005", "step_000006"]
@@ -867,9 +891,9 @@ def test_loss_receives_features_in_the_model_precision(tmp_path, one_rank, dtype
     seen = []
 
     def spy(fn):
-        def call(img, txt, scale):
-            seen.append((img.dtype, txt.dtype, scale.dtype))
-            return fn(img, txt, scale)
+        def call(img, txt, scalars):
+            seen.append((img.dtype, txt.dtype, [x.dtype for x in scalars]))
+            return fn(img, txt, scalars)
         return call
 
     # the plain step's loss, and the cached step's loss with its (fp32) feature gradients
@@ -877,7 +901,7 @@ def test_loss_receives_features_in_the_model_precision(tmp_path, one_rank, dtype
     trainer.contrastive_loss_and_grads = spy(trainer.contrastive_loss_and_grads)
     metrics = trainer.train_step()
     want = torch.bfloat16 if dtype == "bf16" else torch.float32
-    assert seen == [(want, want, torch.float32)] and math.isfinite(metrics["loss"])
+    assert seen == [(want, want, [torch.float32])] and math.isfinite(metrics["loss"])
 
 
 @pytest.mark.cuda

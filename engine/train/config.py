@@ -74,8 +74,15 @@ class PrecisionSection:
 
 @dataclass
 class LossSection:
+    # clip: CLIP's softmax loss (clipforge.contrastive_loss); siglip: SigLIP's sigmoid loss
+    # (clipforge.siglip_loss), whose model gets a learnable logit bias (TrainConfig.model_overrides)
+    kind: str = "clip"
     backend: str = "auto"  # see clipforge.ops: auto | triton | chunked | cpp | torch
     chunk_size: int | None = None
+
+
+# SigLIP's initialisation (Zhai et al. 2023, as OpenCLIP's --siglip): t = exp(log 10) = 10, b = -10
+SIGLIP_INIT = {"init_logit_scale": math.log(10.0), "init_logit_bias": -10.0}
 
 
 @dataclass
@@ -185,7 +192,15 @@ class TrainConfig:
             raise ConfigError(str(exc)) from None
         _one_of("deepspeed.offload_optimizer", self.deepspeed.offload_optimizer, ("none", "cpu"))
         _one_of("deepspeed.offload_param", self.deepspeed.offload_param, ("none", "cpu"))
+        _one_of("loss.kind", self.loss.kind, ("clip", "siglip"))
         _one_of("loss.backend", self.loss.backend, CONTRASTIVE_BACKENDS)
+        if self.loss.kind == "clip" and self.model.overrides.get("init_logit_bias") is not None:
+            raise ConfigError("config key 'model.overrides.init_logit_bias' gives the model SigLIP's logit bias, "
+                              "which CLIP's softmax loss does not train: set loss.kind: siglip, or drop the key")
+        if self.loss.kind == "siglip" and "init_logit_bias" in self.model.overrides \
+                and self.model.overrides["init_logit_bias"] is None:
+            raise ConfigError("config key 'model.overrides.init_logit_bias' is null, but loss.kind: siglip trains a "
+                              "logit bias: give its initial value (SigLIP's is -10) or drop the key")
         _positive("batch.global_size", self.batch.global_size)
         _positive("batch.micro_size", self.batch.micro_size)
         _positive("max_steps", self.max_steps)
@@ -278,6 +293,10 @@ class TrainConfig:
     @property
     def checkpoint_dir(self) -> str:
         return self.checkpointing.dir or os.path.join(self.output_dir, "checkpoints")
+
+    def model_overrides(self) -> dict:
+        """model.overrides, plus SigLIP's initial scale and bias under loss.kind: siglip (unless given)."""
+        return {**SIGLIP_INIT, **self.model.overrides} if self.loss.kind == "siglip" else dict(self.model.overrides)
 
     def adam_hyperparameters(self, is_resnet: bool) -> tuple[tuple[float, float], float]:
         betas, eps = ADAM_DEFAULTS["resnet" if is_resnet else "vit"]

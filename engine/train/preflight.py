@@ -116,7 +116,7 @@ def check_model(cfg: TrainConfig):
         raise ConfigError(f"config key 'model.name' is {name!r}, which is no model preset; use one of "
                           f"{', '.join(list_models())} (or NAME-quickgelu)") from None
     try:
-        model_config = base.replace(**cfg.model.overrides, grad_checkpointing=cfg.model.grad_checkpointing)
+        model_config = base.replace(**cfg.model_overrides(), grad_checkpointing=cfg.model.grad_checkpointing)
     except (ConfigError, TypeError, ValueError) as exc:
         # the model config names its keys relative to itself: name them in the run config
         raise ConfigError(re.sub(r"key '([^']+)'", r"key 'model.overrides.\1'", str(exc))) from None

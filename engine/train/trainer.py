@@ -5,8 +5,9 @@ global batch (this rank's share of it, `batch.global_size / world` pairs) and ma
 
 1. forward every micro-batch without a graph, keeping only the features (and the RNG state before
    each micro-batch);
-2. compute the loss over the global batch and its gradients with respect to this rank's features and
-   the logit scale (`clipforge.contrastive_loss` with the data-parallel group);
+2. compute the loss over the global batch and its gradients with respect to this rank's features, the
+   logit scale and (SigLIP) the logit bias: `clipforge.contrastive_loss` or, under `loss.kind: siglip`,
+   `clipforge.siglip_loss`, with the data-parallel group;
 3. replay each micro-batch forward with a graph and the same RNG state (so dropout / drop-path draw
    the same masks) and back-propagate its slice of the cached feature gradients through
    `engine.backward`, then `engine.step()`: DeepSpeed accumulates over the `gradient_accumulation_steps`
@@ -18,9 +19,10 @@ Gradient bookkeeping (why the result equals the single-process gradient of the g
 - DeepSpeed averages gradients over the W ranks. The loss's distributed convention (see
   `clipforge.loss`) is that each rank's feature gradients are W times its share of the true gradient
   and the logit-scale gradient is the full one on every rank, so the average is the true gradient.
-- The logit scale enters every micro-batch forward but its cached gradient is back-propagated once
-  (micro-batch 0); the others back-propagate a zero for it, so its gradient hooks fire on every
-  micro-step (ZeRO 2/3 expect that) without counting it twice.
+- The logit scale (and bias) enters every micro-batch forward but its cached gradient is
+  back-propagated once (micro-batch 0); the others back-propagate a zero for it, so its gradient hooks
+  fire on every micro-step (ZeRO 2/3 expect that) without counting it twice. Both losses follow the
+  same convention for it (full gradient on every rank), so the bias needs nothing of its own.
 
 With one micro-batch per rank (no caching) the step is the plain forward-loss-backward, which the
 tests use as the reference for the cached path.
@@ -157,8 +159,9 @@ class Trainer:
 
         # identical initial weights on every rank (ZeRO partitions them after)
         torch.manual_seed(cfg.seed)
-        model = create_model(cfg.model.name, **cfg.model.overrides, grad_checkpointing=cfg.model.grad_checkpointing)
+        model = create_model(cfg.model.name, **cfg.model_overrides(), grad_checkpointing=cfg.model.grad_checkpointing)
         self.model_config = model.config
+        self.siglip = cfg.loss.kind == "siglip"  # the model has a logit bias exactly then (config.check)
         betas, eps = cfg.adam_hyperparameters(model.config.vision.is_resnet)
         groups = param_groups(model, cfg.optimizer.weight_decay)
         ds_config = cfg.deepspeed_config(self.world_size)
@@ -206,27 +209,35 @@ class Trainer:
         return build_data_source(self.cfg, self.model_config, rank=self.rank, world_size=self.world_size)
 
     def forward(self, images, tokens):
-        """The engine's forward -> (image features, text features, 0-dim exponentiated scale)."""
-        img, txt, scale = self.engine(images, tokens)
-        return img, txt, scale.reshape(())
+        """The engine's forward -> (image features, text features, scalars): scalars is the 0-dim
+        exponentiated scale, and under SigLIP the 0-dim logit bias after it."""
+        img, txt, *scalars = self.engine(images, tokens)
+        return img, txt, tuple(x.reshape(()) for x in scalars)
 
     # ------------------------------------------------------------------------------- the loss
-    def contrastive_loss(self, image_features, text_features, logit_scale):
-        """The loss over the global batch (`clipforge.contrastive_loss` with the data-parallel group)."""
+    def _loss_options(self) -> dict:
+        return dict(group=self.group if self.world_size > 1 else None, backend=self.cfg.loss.backend,
+                    chunk_size=self.cfg.loss.chunk_size)
+
+    def contrastive_loss(self, image_features, text_features, scalars):
+        """The loss over the global batch (`clipforge.contrastive_loss`, or `clipforge.siglip_loss` under
+        loss.kind: siglip, with the data-parallel group); scalars as `forward` returns them, in fp32."""
         from ..loss import contrastive_loss
+        from ..siglip_loss import siglip_loss
 
-        group = self.group if self.world_size > 1 else None
-        return contrastive_loss(image_features, text_features, logit_scale, group=group,
-                                backend=self.cfg.loss.backend, chunk_size=self.cfg.loss.chunk_size)
+        loss = siglip_loss if self.siglip else contrastive_loss
+        return loss(image_features, text_features, *scalars, **self._loss_options())
 
-    def contrastive_loss_and_grads(self, image_features, text_features, logit_scale):
-        """The same loss with its gradients (`clipforge.loss.contrastive_loss_and_grads`): the feature
-        gradients in fp32 whatever the features' precision, what gradient caching stores."""
+    def contrastive_loss_and_grads(self, image_features, text_features, scalars):
+        """The same loss with its gradients, without autograd -> (loss, d_image, d_text, d_scalars): the
+        feature gradients in fp32 whatever the features' precision (what gradient caching stores),
+        d_scalars one 0-dim gradient per scalar."""
         from ..loss import contrastive_loss_and_grads
+        from ..siglip_loss import siglip_loss_and_grads
 
-        group = self.group if self.world_size > 1 else None
-        return contrastive_loss_and_grads(image_features, text_features, logit_scale, group=group,
-                                          backend=self.cfg.loss.backend, chunk_size=self.cfg.loss.chunk_size)
+        grads = siglip_loss_and_grads if self.siglip else contrastive_loss_and_grads
+        loss, d_image, d_text, *d_scalars = grads(image_features, text_features, *scalars, **self._loss_options())
+        return loss, d_image, d_text, d_scalars
 
     def _all_finite(self, value: torch.Tensor) -> bool:
         flag = torch.tensor([1.0 if bool(torch.isfinite(value).all()) else 0.0], device=self.device)
@@ -281,6 +292,7 @@ class Trainer:
             "loss": loss,
             "lr": lr,
             "logit_scale": self.logit_scale(),
+            **({"logit_bias": self.logit_bias()} if self.siglip else {}),
             "samples_per_s": self.cfg.batch.global_size / elapsed,
             "samples_seen": self.samples_seen,
             "skipped": skipped,
@@ -293,11 +305,11 @@ class Trainer:
         }
 
     def _plain_step(self, images, tokens) -> float | None:
-        img, txt, scale = self.forward(images, tokens)
+        img, txt, scalars = self.forward(images, tokens)
         # features in the model's precision (bf16 / fp16 under precision.dtype bf16 / fp16, as OpenCLIP's
         # autocast hands its loss): on a GPU the Triton loss then runs on the tensor cores, with fp32
-        # accumulation and statistics (clipforge.ops' table); only the scale goes to fp32
-        loss = self.contrastive_loss(img, txt, scale.float())
+        # accumulation and statistics (clipforge.ops' table); only the scale (and bias) go to fp32
+        loss = self.contrastive_loss(img, txt, [x.float() for x in scalars])
         if not self._all_finite(loss.detach()):
             return None
         self.engine.backward(loss, scale_wrt_gas=False)
@@ -312,24 +324,26 @@ class Trainer:
         with torch.no_grad():
             for sl in slices:
                 states.append(_rng_state())
-                img, txt, scale = self.forward(images[sl], tokens[sl])
+                img, txt, scalars = self.forward(images[sl], tokens[sl])
                 img_parts.append(img)  # the model's precision, as in _plain_step (half the cache in bf16)
                 txt_parts.append(txt)
         after = _rng_state()
-        # 2. loss over the global batch and its gradients w.r.t. this rank's features and the scale, the
-        # feature gradients in fp32 (in fp16 each, ~ s / 2N, would be subnormal at N = 32k)
+        # 2. loss over the global batch and its gradients w.r.t. this rank's features, the scale and the
+        # bias, the feature gradients in fp32 (in fp16 each, ~ s / 2N, would be subnormal at N = 32k)
         img_all = torch.cat(img_parts)  # (B_local, E)
         txt_all = torch.cat(txt_parts)  # (B_local, E)
-        loss, g_img, g_txt, g_scale = self.contrastive_loss_and_grads(img_all, txt_all, scale.detach().float())
+        loss, g_img, g_txt, g_scalars = self.contrastive_loss_and_grads(
+            img_all, txt_all, [x.detach().float() for x in scalars])
         if not self._all_finite(loss.detach()):
             _set_rng_state(after)
             return None
         # 3. replay each micro-batch with a graph and push its slice of the cached gradients through
         for i, sl in enumerate(slices):
             _set_rng_state(states[i])
-            img, txt, scale = self.forward(images[sl], tokens[sl])
+            img, txt, scalars = self.forward(images[sl], tokens[sl])
             surrogate = (img.float() * g_img[sl]).sum() + (txt.float() * g_txt[sl]).sum()
-            surrogate = surrogate + scale.float() * (g_scale if i == 0 else torch.zeros_like(g_scale))
+            for x, g in zip(scalars, g_scalars):  # once (micro-batch 0), a zero on the others
+                surrogate = surrogate + x.float() * (g.to(x.device) if i == 0 else torch.zeros_like(g, device=x.device))
             self.engine.backward(surrogate, scale_wrt_gas=False)
             if i == len(slices) - 1 and self.grad_hook is not None:
                 self.grad_hook(self)
@@ -350,6 +364,12 @@ class Trainer:
         p = self.module.logit_scale
         with self._gathered([p]):
             return float(p.detach().float().exp().reshape(()))
+
+    def logit_bias(self) -> float:
+        """SigLIP's logit bias (loss.kind: siglip only)."""
+        p = self.module.logit_bias
+        with self._gathered([p]):
+            return float(p.detach().float().reshape(()))
 
     def _clamp_logit_scale(self) -> None:
         """Clamp the scale parameter to ln(100) in the model and in the optimizer's fp32 master copy.
@@ -400,7 +420,9 @@ class Trainer:
     # ----------------------------------------------------------------------------- evaluation
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Held-out contrastive loss and image->text / text->image top-1 over global batches."""
+        """Held-out loss (the run's loss.kind) and image->text / text->image top-1 over global batches."""
+        from .. import reference
+
         self.engine.eval()
         losses, i2t, t2i = [], [], []
         for b in range(self.cfg.evaluation.batches):
@@ -408,17 +430,21 @@ class Trainer:
             img_parts, txt_parts = [], []
             micro = self.cfg.batch.micro_size
             for i in range(0, images.shape[0], micro):
-                img, txt, scale = self.forward(images[i:i + micro].to(self.device), tokens[i:i + micro].to(self.device))
+                img, txt, scalars = self.forward(images[i:i + micro].to(self.device), tokens[i:i + micro].to(self.device))
                 img_parts.append(img.float())
                 txt_parts.append(txt.float())
             img, txt = torch.cat(img_parts), torch.cat(txt_parts)
             if self.world_size > 1:
                 img = _all_gather_rows(img, self.group, self.world_size)
                 txt = _all_gather_rows(txt, self.group, self.world_size)
-            logits = scale.float() * img @ txt.t()  # (N, N)
+            scale, *bias = (x.float() for x in scalars)
+            logits = scale * img @ txt.t()  # (N, N)
             labels = torch.arange(logits.shape[0], device=logits.device)
-            losses.append(float(0.5 * (torch.nn.functional.cross_entropy(logits, labels)
-                                       + torch.nn.functional.cross_entropy(logits.t(), labels))))
+            if self.siglip:
+                losses.append(float(reference.siglip_loss(img, txt, scale, bias[0])))
+            else:
+                losses.append(float(0.5 * (torch.nn.functional.cross_entropy(logits, labels)
+                                           + torch.nn.functional.cross_entropy(logits.t(), labels))))
             i2t.append(float((logits.argmax(1) == labels).float().mean()))
             t2i.append(float((logits.argmax(0) == labels).float().mean()))
         self.engine.train()
