@@ -137,6 +137,7 @@ EXAMPLES = {
     "vit-b-32-32k-128xa100.yaml": 128,
     "vit-l-14-v100-fp16.yaml": 64,
     "vit-bigg-14-32k-64xa100.yaml": 64,
+    "tiny-vit-siglip-digits.yaml": 2,
 }
 
 
@@ -152,6 +153,17 @@ def test_example_configs_load_and_validate(name):
         assert cfg.precision.dtype == "fp16"
         assert ds["fp16"]["enabled"] and ds["fp16"]["loss_scale"] == 0  # from configs/deepspeed-zero2-fp16.json
         assert ds["zero_optimization"]["overlap_comm"] and ds["gradient_accumulation_steps"] == 8
+
+
+def test_the_siglip_demo_config_is_the_demo_with_the_sigmoid_loss():
+    """configs/tiny-vit-siglip-digits.yaml (README, "Choosing the loss") is the demo's job but for the loss:
+    the same model, data, batch, optimizer and schedule, so the two runs compare the losses alone."""
+    demo = TrainConfig.load(os.path.join(ROOT, "engine", "assets", "demo.yaml")).to_dict()
+    siglip = TrainConfig.load(os.path.join(ROOT, "configs", "tiny-vit-siglip-digits.yaml")).to_dict()
+    assert siglip["loss"] == {**demo["loss"], "kind": "siglip"} and demo["loss"]["kind"] == "clip"
+    for key in ("loss", "output_dir"):
+        siglip.pop(key), demo.pop(key)
+    assert siglip == demo
 
 
 def test_every_run_config_is_listed():
