@@ -207,7 +207,7 @@ def test_no_weight_decay_on_gains_biases_norms_and_scale(preset):
 
 
 def test_lr_schedule_warmup_then_cosine():
-    from clipforge.train.trainer import lr_factor
+    from clipforge.train.schedule import lr_factor
 
     warm, total = 4, 20
     values = [lr_factor(s, warm, total, 0.1) for s in range(total + 3)]

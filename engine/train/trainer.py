@@ -30,7 +30,6 @@ tests use as the reference for the cached path.
 from __future__ import annotations
 
 import contextlib
-import math
 import random
 import time
 import warnings
@@ -46,6 +45,7 @@ from ..data.synthetic import SyntheticPairs
 from ..model.clip import MAX_LOGIT_SCALE
 from .config import ConfigError, TrainConfig
 from .deepspeed_compat import _scalars_to_vectors, _weights_only_load
+from .schedule import lr_factor
 from .distributed import check_same_config, failures_announced, set_collective_timeout, start_watchdog
 
 
@@ -69,14 +69,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-
-
-def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warm-up over `warmup` optimizer steps, then a cosine from 1 to `min_ratio` at `total`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 # ------------------------------------------------------------------------------------ RNG state
