@@ -256,6 +256,14 @@ def test_step_gradient_equals_full_batch_gradient(tmp_path, one_rank, micro, gra
     assert_gradients_close(capture_first_gradients(trainer), reference_gradients(cfg))
 
 
+def test_the_run_follows_the_configured_schedule(tmp_path, one_rank):
+    """schedule.kind reaches the optimizer: const-cooldown with a 1-step warm-up, flat, then a linear
+    cool-down over the last 2 of 4 steps (the metrics log the rate each step used)."""
+    rows = straight_run(tmp_path, dict(max_steps=4, schedule={"kind": "const-cooldown", "warmup_steps": 1,
+                                                              "total_steps": 4, "cooldown_steps": 2}))
+    assert [r["lr"] for r in rows] == pytest.approx([2e-3, 2e-3, 2e-3, 1e-3], rel=1e-9)
+
+
 def test_gradient_caching_replays_rng(one_rank, tmp_path):
     """With randomness inside the forward, the replayed micro-batches must draw the same numbers."""
     from clipforge.train.config import TrainConfig

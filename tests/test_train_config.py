@@ -221,6 +221,44 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_factor(5, 0, 10, 0.0) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
 
 
+@pytest.mark.parametrize("kind, cooldown, power, floor", [
+    ("cosine", 0, 1.0, 0.0), ("const", 0, 1.0, 0.0), ("const-cooldown", 7, 1.0, 0.0), ("const-cooldown", 7, 2.0, 0.1),
+    ("const-cooldown", 16, 0.5, 0.0),
+])
+def test_lr_schedules_equal_open_clip_trains(kind, cooldown, power, floor):
+    """schedule.kind cosine / const / const-cooldown give open_clip_train's rates step for step (its
+    --lr-cooldown-end is min_lr_ratio x lr here; its cosine ends at 0, min_lr_ratio's default)."""
+    scheduler = pytest.importorskip("open_clip_train.scheduler")
+    from clipforge.train.schedule import lr_factor
+
+    class Opt:
+        param_groups = [{"lr": 0.0}]
+
+    base, warm, total = 5e-4, 4, 20
+    if kind == "cosine":
+        theirs = scheduler.cosine_lr(Opt, base, warm, total)
+    elif kind == "const":
+        theirs = scheduler.const_lr(Opt, base, warm, total)
+    else:
+        theirs = scheduler.const_lr_cooldown(Opt, base, warm, total, cooldown, power, floor * base)
+    ours = [base * lr_factor(s, warm, total, floor, kind, cooldown, power) for s in range(total)]
+    assert ours == pytest.approx([theirs(s) for s in range(total)], rel=1e-12, abs=1e-15)
+    if kind == "const-cooldown":
+        assert ours[total - cooldown - 1] == base and ours[-1] < base
+
+
+@pytest.mark.parametrize("schedule, key", [
+    ({"kind": "linear"}, "schedule.kind"),
+    ({"kind": "const-cooldown"}, "schedule.cooldown_steps"),
+    ({"kind": "const-cooldown", "cooldown_steps": 8, "warmup_steps": 5}, "schedule.cooldown_steps"),
+    ({"kind": "const-cooldown", "cooldown_steps": 3, "cooldown_power": 0}, "schedule.cooldown_power"),
+    ({"kind": "cosine", "cooldown_steps": 3}, "schedule.cooldown_steps"),
+])
+def test_schedule_keys_are_checked(schedule, key):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        TrainConfig.from_dict({"schedule": schedule, "max_steps": 10})
+
+
 def test_main_refuses_a_bad_config_with_the_key(tmp_path, capsys):
     from clipforge.train import main
 

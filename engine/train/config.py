@@ -21,6 +21,7 @@ from ..config import ConfigError, apply_override, dataclass_from_dict
 from ..config import load_yaml as _load_yaml
 from ..data.config import DataConfig, DataError
 from ..ops import CONTRASTIVE_BACKENDS
+from .schedule import KINDS as SCHEDULE_KINDS
 
 
 # betas / eps of the paper per model family (docs/DESIGN.md): ViTs use a lower beta2 and a larger eps.
@@ -58,9 +59,13 @@ class OptimizerSection:
 
 @dataclass
 class ScheduleSection:
-    warmup_steps: int = 10  # linear from 0 to optimizer.lr (the paper: 2000)
-    total_steps: int | None = None  # cosine decay length; None: max_steps
-    min_lr_ratio: float = 0.0  # floor of the cosine, as a fraction of optimizer.lr
+    # after the warm-up: cosine (decay to min_lr_ratio) | const | const-cooldown (OpenCLIP's meanings)
+    kind: str = "cosine"
+    warmup_steps: int = 10  # linear from 0 to optimizer.lr (the paper: 2000); every kind
+    total_steps: int | None = None  # schedule length (cosine decay, cool-down end); None: max_steps
+    min_lr_ratio: float = 0.0  # where cosine and cool-down end, as a fraction of optimizer.lr
+    cooldown_steps: int = 0  # const-cooldown: the last this many steps of total_steps decay to min_lr_ratio
+    cooldown_power: float = 1.0  # const-cooldown: (1 - progress) ** power; 1 = linear
 
 
 @dataclass
@@ -237,6 +242,18 @@ class TrainConfig:
             raise ConfigError("config key 'schedule.min_lr_ratio' must lie in [0, 1]")
         if self.schedule.warmup_steps < 0:
             raise ConfigError("config key 'schedule.warmup_steps' must be >= 0")
+        sched = self.schedule
+        _one_of("schedule.kind", sched.kind, SCHEDULE_KINDS)
+        if sched.kind == "const-cooldown":
+            _positive("schedule.cooldown_steps", sched.cooldown_steps)
+            _positive("schedule.cooldown_power", sched.cooldown_power)
+            if sched.warmup_steps + sched.cooldown_steps > self.total_steps:
+                raise ConfigError(f"config keys 'schedule.warmup_steps' + 'schedule.cooldown_steps' ({sched.warmup_steps}"
+                                  f" + {sched.cooldown_steps}) exceed the schedule length ({self.total_steps}: "
+                                  "schedule.total_steps, else max_steps)")
+        elif sched.cooldown_steps != 0 or sched.cooldown_power != 1.0:
+            raise ConfigError(f"config keys 'schedule.cooldown_steps' / 'schedule.cooldown_power' apply to "
+                              f"schedule.kind: const-cooldown only, not {sched.kind!r}; set the kind or drop them")
         if self.schedule.warmup_steps > self.total_steps:
             raise ConfigError(
                 f"config key 'schedule.warmup_steps' ({self.schedule.warmup_steps}) exceeds the schedule length "

@@ -167,10 +167,11 @@ class Trainer:
                 "params": {"lr": cfg.optimizer.lr, "betas": list(betas), "eps": eps,
                            "weight_decay": cfg.optimizer.weight_decay},
             }
-        warmup, total, floor = cfg.schedule.warmup_steps, cfg.total_steps, cfg.schedule.min_lr_ratio
+        sched, total = cfg.schedule, cfg.total_steps
 
         def schedule(opt):
-            return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, total, floor))
+            return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(
+                s, sched.warmup_steps, total, sched.min_lr_ratio, sched.kind, sched.cooldown_steps, sched.cooldown_power))
 
         self._declared_shapes = _scalars_to_vectors(model)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
