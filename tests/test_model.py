@@ -491,9 +491,9 @@ def test_a_siglip_trained_plain_vit_loads_with_its_bias(how, tmp_path):
 
 
 def test_a_plain_state_dict_is_no_other_family():
-    from clipforge.model.weights import _family
+    from clipforge.model.families import other_family
 
-    assert _family(_meta_state_dict("ViT-B-32")) is None and _family(_plain_keys()) is None
+    assert other_family(_meta_state_dict("ViT-B-32")) is None and other_family(_plain_keys()) is None
 
 
 # ---------------------------------------------------------------------------- no guess that can be wrong

@@ -20,6 +20,7 @@ import torch
 
 from .config import CLIPConfig, TextConfig, VisionConfig, get_preset
 from .clip import CLIP
+from .families import LOADS, other_family
 
 
 class CheckpointError(ValueError):
@@ -255,42 +256,9 @@ def _no_config(where: str, ckpt: str) -> str:
 
 
 # ----------------------------------------------------------------------------- families
-LOADS = ("clipforge loads CLIP models with the plain towers of OpenAI's and OpenCLIP's releases: a ViT "
-         "(visual.conv1, visual.transformer.*) or modified ResNet (visual.layer1-4, visual.attnpool) image tower "
-         "and the plain text transformer (token_embedding, transformer.resblocks.*, ln_final, text_projection)")
-
-
-def _family(sd: Mapping[str, Any]) -> str | None:
-    """The OpenCLIP model family of a state dict that clipforge does not implement, by its keys, or None."""
-    keys = list(sd)
-
-    def has(prefix: str) -> bool:
-        return any(k.startswith(prefix) for k in keys)
-
-    if has("text_decoder.") or has("visual.attn_pool."):
-        return "CoCa (a captioning text decoder, text_decoder.*)"
-    if has("visual.trunk."):
-        if "logit_bias" in sd:
-            kind = "SigLIP (a timm image tower with a sigmoid-loss logit_bias)"
-        elif has("visual.trunk.stages."):
-            kind = "ConvNeXt (a timm image tower, visual.trunk.stages.*)"
-        elif any(".rope" in k or k.endswith("q_bias") for k in keys if k.startswith("visual.trunk.")):
-            kind = "EVA (a timm image tower with rotary embeddings)"
-        else:
-            kind = "a timm image tower (visual.trunk.*)"
-        return kind
-    if has("text."):
-        if has("text.transformer.embeddings.") or has("text.transformer.encoder.") or has("text.proj"):
-            return "a Hugging Face text tower (CustomTextCLIP, text.transformer.* from transformers)"
-        return "a custom text tower (CustomTextCLIP, text.*)"
-    if any(k.endswith(("ls_1.gamma", "ls_2.gamma")) for k in keys):
-        return "layer scale (ls_1 / ls_2 gains in the residual blocks, e.g. ViT-M-16-alt)"
-    return None  # (a plain ViT / ResNet with a top-level logit_bias is SigLIP-trained: it loads, bias and all)
-
-
 def refuse_other_families(sd: Mapping[str, Any], where: str) -> None:
     """One sentence for a checkpoint of a family clipforge does not implement (before any guess)."""
-    family = _family(sd)
+    family = other_family(sd)
     if family is not None:
         raise CheckpointError(f"{where} is an OpenCLIP model of a family clipforge does not load: {family}; "
                               f"{LOADS}")
