@@ -348,10 +348,11 @@ def _ambiguous(sd: Mapping[str, torch.Tensor], where: str) -> str:
 _IGNORED_KEYS = {"input_resolution", "context_length", "vocab_size", "attn_mask"}
 
 
-def load_state_dict_strict(model: CLIP, sd: Mapping[str, torch.Tensor], where: str = "state dict") -> None:
+def load_state_dict_strict(model: CLIP, sd: Mapping[str, torch.Tensor], where: str = "state dict", keep=None) -> None:
     """Copy `sd` into `model`, refusing with the names of missing, unexpected or mis-shaped keys (a tensor of
-    one element for a 0-dim parameter is reshaped)."""
-    own = model.state_dict()
+    one element for a 0-dim parameter is reshaped). keep(name): only the keys it accepts, on both sides."""
+    own = {k: v for k, v in model.state_dict().items() if keep is None or keep(k)}
+    sd = {k: v for k, v in sd.items() if keep is None or keep(k)}
     # a one-element tensor for a 0-dim parameter (DeepSpeed's module state holds logit_scale as (1,))
     sd = {k: v.reshape(()) if k in own and own[k].dim() == 0 and v.dim() and v.numel() == 1 else v
           for k, v in sd.items() if k.rsplit(".", 1)[-1] not in _IGNORED_KEYS}
@@ -402,22 +403,8 @@ def load(
     `quick_gelu` overrides the activation of the resolved config. Weights holding NaN or infinity are refused
     (a model that would embed everything as NaN) unless `allow_nonfinite=True`, to inspect such a file.
     """
-    if isinstance(path_or_state_dict, Mapping):
-        sd, stored_cfg = _unwrap(path_or_state_dict, "the state dict")
-        where, kind = "the state dict", "state dict"
-    else:
-        where, ckpt = _resolve_path(os.fspath(path_or_state_dict))
-        sd, stored_cfg, kind = _read(where)
-        if empty := sorted(k for k, v in sd.items() if v.numel() == 0):
-            raise CheckpointError(f"{where} holds empty placeholders for {len(empty)} of its {len(sd)} tensors "
-                                  f"(e.g. {empty[0]}): the module state of a ZeRO stage 3 checkpoint, whose weights "
-                                  f"DeepSpeed partitions across ranks; load the {MODEL_FILE} of the checkpoint or of "
-                                  "the run, or consolidate the partitions with the checkpoint's zero_to_fp32.py")
-        if ckpt is not None and config is None and model_name is None:
-            raise CheckpointError(_no_config(where, ckpt))
-    refuse_other_families(sd, where)
-    if not allow_nonfinite:
-        _check_finite(sd, where)
+    sd, stored_cfg, kind, where = read_checked(path_or_state_dict, config is not None or model_name is not None,
+                                               allow_nonfinite)
     if config is not None:
         cfg = config if isinstance(config, CLIPConfig) else CLIPConfig.from_dict(config)
     elif model_name is not None:
@@ -441,6 +428,28 @@ def load(
     load_state_dict_strict(model, sd, where)
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     return model.eval()
+
+
+def read_checked(path_or_state_dict, named: bool, allow_nonfinite: bool = False):
+    """What `load` reads, refused as `load` refuses it, before any model is built -> (state dict, stored config
+    or None, kind, where). named: a model name or config comes with it (a module state needs one)."""
+    if isinstance(path_or_state_dict, Mapping):
+        sd, stored_cfg = _unwrap(path_or_state_dict, "the state dict")
+        where, kind = "the state dict", "state dict"
+    else:
+        where, ckpt = _resolve_path(os.fspath(path_or_state_dict))
+        sd, stored_cfg, kind = _read(where)
+        if empty := sorted(k for k, v in sd.items() if v.numel() == 0):
+            raise CheckpointError(f"{where} holds empty placeholders for {len(empty)} of its {len(sd)} tensors "
+                                  f"(e.g. {empty[0]}): the module state of a ZeRO stage 3 checkpoint, whose weights "
+                                  f"DeepSpeed partitions across ranks; load the {MODEL_FILE} of the checkpoint or of "
+                                  "the run, or consolidate the partitions with the checkpoint's zero_to_fp32.py")
+        if ckpt is not None and not named:
+            raise CheckpointError(_no_config(where, ckpt))
+    refuse_other_families(sd, where)
+    if not allow_nonfinite:
+        _check_finite(sd, where)
+    return sd, stored_cfg, kind, where
 
 
 def _check_finite(sd: Mapping[str, torch.Tensor], where: str) -> None:

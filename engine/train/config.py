@@ -34,6 +34,19 @@ class ModelSection:
     # top-level or nested CLIPConfig fields passed to create_model (e.g. {quick_gelu: false})
     overrides: dict[str, Any] = field(default_factory=dict)
     grad_checkpointing: bool = False
+    # start from weights (fine-tuning; train/finetune.py): any file or folder clipforge.load takes, read
+    # with model.name as its architecture; _image / _text: that tower only, from any CLIP file
+    pretrained: str | None = None
+    pretrained_image: str | None = None
+    pretrained_text: str | None = None
+    # LiT: a locked tower gets no gradient and no optimizer state but for its last K groups (OpenCLIP's
+    # --lock-image-unlocked-groups, --lock-text-unlocked-layers); freeze_norm: norms stay frozen in them
+    lock_image: bool = False
+    lock_image_unlocked_groups: int = 0
+    lock_image_freeze_norm: bool = False  # also: a ResNet's BatchNorm statistics stay fixed
+    lock_text: bool = False
+    lock_text_unlocked_groups: int = 0
+    lock_text_freeze_norm: bool = False
 
 
 @dataclass
@@ -214,6 +227,17 @@ class TrainConfig:
         if "grad_checkpointing" in self.model.overrides:
             raise ConfigError("config key 'model.overrides.grad_checkpointing' is a run setting: set "
                               "model.grad_checkpointing instead")
+        m = self.model
+        if m.pretrained and (m.pretrained_image or m.pretrained_text):
+            raise ConfigError("config key 'model.pretrained' loads the whole model: drop it, or drop "
+                              "'model.pretrained_image' / 'model.pretrained_text' (one tower each)")
+        for tower in ("image", "text"):
+            key = f"model.lock_{tower}_unlocked_groups"
+            _at_least(key, getattr(m, f"lock_{tower}_unlocked_groups"), 0, "(0: the whole tower locked)")
+            if not getattr(m, f"lock_{tower}") and (getattr(m, f"lock_{tower}_unlocked_groups")
+                                                     or getattr(m, f"lock_{tower}_freeze_norm")):
+                raise ConfigError(f"config keys '{key}' / 'model.lock_{tower}_freeze_norm' apply to a locked "
+                                  f"tower: set model.lock_{tower}: true, or drop them")
         _positive("optimizer.lr", self.optimizer.lr)
         if self.optimizer.eps is not None:
             _positive("optimizer.eps", self.optimizer.eps)

@@ -50,6 +50,10 @@ def preflight(cfg: TrainConfig, resume: str | None = None, world_size: int | Non
     check_output(cfg)
     check_free(cfg, resume, force)
     model_config = check_model(cfg)
+    from .finetune import check_locks, check_pretrained_paths
+
+    check_pretrained_paths(cfg)
+    check_locks(cfg, model_config)
     check_data(cfg, model_config)
     check_packages(cfg)
     check_device(cfg)

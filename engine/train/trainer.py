@@ -45,6 +45,7 @@ from ..data.synthetic import SyntheticPairs
 from ..model.clip import MAX_LOGIT_SCALE
 from .config import ConfigError, TrainConfig
 from .deepspeed_compat import _scalars_to_vectors, _weights_only_load
+from .finetune import prepare_model
 from .schedule import lr_factor
 from .distributed import check_same_config, failures_announced, set_collective_timeout, start_watchdog
 
@@ -154,6 +155,11 @@ class Trainer:
         model = create_model(cfg.model.name, **cfg.model_overrides(), grad_checkpointing=cfg.model.grad_checkpointing)
         self.model_config = model.config
         self.siglip = cfg.loss.kind == "siglip"  # the model has a logit bias exactly then (config.check)
+        # pretrained weights and locked towers, before DeepSpeed copies and partitions anything (finetune.py)
+        self.prepared = prepare_model(model, cfg)
+        if self.rank == 0 and (self.prepared["loaded"] or self.prepared["frozen"]):
+            print(f"clipforge train: {'; '.join(self.prepared['loaded']) or 'random initial weights'}; "
+                  f"{self.prepared['trainable']:,} parameters trainable, {self.prepared['frozen']:,} locked", flush=True)
         betas, eps = cfg.adam_hyperparameters(model.config.vision.is_resnet)
         groups = param_groups(model, cfg.optimizer.weight_decay)
         ds_config = cfg.deepspeed_config(self.world_size)
