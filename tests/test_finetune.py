@@ -151,3 +151,22 @@ def test_a_missing_pretrained_file_stops_before_start(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "'model.pretrained'" in err[0] and "nowhere.pt" in err[0]
     assert not os.path.exists(tmp_path / "missing")
+
+
+def test_lit_on_two_ranks_under_zero_3_equals_one_process(tmp_path, one_rank):
+    """Locked towers under ZeRO 3 (weights partitioned, frozen ones too) on 2 ranks with gradient caching:
+    only the unlocked parameters move, and the run equals one process's within 1e-5."""
+    from test_train import assert_weights_close
+
+    sections = dict(model={"lock_image": True, "lock_image_unlocked_groups": 1, "lock_text": True,
+                           "lock_text_unlocked_groups": 1}, max_steps=3)
+    one = straight_run(tmp_path, sections)
+    two = write_config(tmp_path, "two", deepspeed={"zero_stage": 3}, batch={"micro_size": 4}, **sections)
+    run_two_ranks(two)
+    assert_losses_close(read_metrics(tmp_path / "two"), one)
+    torch.manual_seed(BASE["seed"])
+    init = clipforge.create_model("tiny-vit").state_dict()
+    final = read_weights(tmp_path / "two")
+    assert sorted(k for k in init if not torch.equal(init[k], final[k])) == ["logit_scale", "text_projection",
+                                                                             "visual.proj"]
+    assert_weights_close(final, read_weights(tmp_path / "straight"))
