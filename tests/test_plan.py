@@ -113,6 +113,41 @@ def test_zero_stages_partition_states():
     assert z3 > 4 * z1 / 2 and planner.comm_bytes(p, "bf16", 1, 1, 4, 4096, 512, True) == 0
 
 
+def test_locked_towers_are_counted_as_the_trainer_locks_them(traces, tmp_path, capsys):
+    """LiT: the planner's trainable count is what the trainer's lock leaves trainable (real model, AdamW
+    states of the trainable parameters only); gradients, optimizer states and their traffic shrink with
+    it, the weights and ZeRO 3's weight gathers do not; the CLI writes the lock keys."""
+    from clipforge.train.config import TrainConfig
+    from clipforge.train.finetune import lock_towers
+
+    locks = {"lock_image": True, "lock_image_unlocked_groups": 1, "lock_text": True, "lock_text_unlocked_groups": 2}
+    model = clipforge.create_model("tiny-vit")
+    lock_towers(model, TrainConfig.from_dict({"model": locks}))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    img, txt, scale = model(*batch_for(model, 2))
+    clipforge.contrastive_loss(img, txt, scale).backward()
+    opt.step()
+    moments = sum(v.numel() * v.element_size() for s in opt.state.values() for k, v in s.items() if k != "step")
+    t = planner.trainable_params("tiny-vit", locks)
+    assert t == sum(p.numel() for p in model.parameters() if p.requires_grad) < traces("tiny-vit").params // 4
+    p_all = traces("tiny-vit").params
+    p_b, g_b, o_b, _ = planner.state_bytes(p_all, "fp32", 0, 1, t)
+    assert (p_b, g_b) == (4 * p_all, 4 * t)
+    _close(o_b, moments)
+    for zero in (0, 2, 3):
+        full = planner.comm_bytes(p_all, "bf16", zero, 8, 4, 4096, 512, True)
+        lit = planner.comm_bytes(p_all, "bf16", zero, 8, 4, 4096, 512, True, t)
+        assert lit < full and (zero < 3 or lit > 0.6 * full)  # ZeRO 3 still gathers every weight
+    plan = planner.make_plan("tiny-vit", "A100-40GB", 2, 64, trace=traces("tiny-vit", "bf16"), locks=locks)
+    assert plan.trainable == t and f"({t / 1e6:.1f} M trainable" in planner.format_plan(plan)
+    out = tmp_path / "lit.yaml"
+    assert planner.main(["--model", "tiny-vit", "--gpu", "A100-40GB", "--gpus", "2", "--batch", "64",
+                         "--lock-image", "1", "--lock-text", "2", "--write-config", str(out)]) == 0
+    assert "--lock-image 1 --lock-text 2" in out.read_text()
+    assert {k: v for k, v in TrainConfig.load(str(out)).to_dict()["model"].items() if k.startswith("lock")} == {
+        **locks, "lock_image_freeze_norm": False, "lock_text_freeze_norm": False}
+
+
 def test_largest_micro_batch_is_the_largest_that_fits(traces):
     t = traces("tiny-vit", "bf16")
     # an absurd batch on a small GPU so that the activation term decides

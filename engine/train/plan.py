@@ -19,6 +19,8 @@ How each term is obtained (and what is assumed):
   With activation checkpointing the stored part is each block's input, and backward adds one block's
   recomputed activations at a time (the largest block is counted). The saved-tensor totals are
   checked against real CPU runs of the tiny and small presets in tests/test_plan.py.
+- Locked towers (LiT, `--lock-image K` / `--lock-text K`): gradients, optimizer states and their traffic
+  count the trainable parameters only; activations and FLOPs are a trainable model's (an upper bound).
 - Loss buffers (gradient caching): this rank's image and text features in fp32 and their gradients,
   the gathered text features of the global batch and their gradient (clipforge.contrastive_loss works
   tile by tile: no N x N buffer), and the 2N log-sum-exps. For contrast, OpenCLIP's ClipLoss would
@@ -194,11 +196,14 @@ class Memory:
         return self.params + self.grads + self.optimizer + self.buckets + self.activations + self.loss
 
 
-def state_bytes(params: int, precision: str, zero: int, world: int) -> tuple[float, float, float, float]:
-    """(weights, gradients, optimizer states, DeepSpeed buckets) in bytes per GPU."""
+def state_bytes(params: int, precision: str, zero: int, world: int,
+                trainable: int | None = None) -> tuple[float, float, float, float]:
+    """(weights, gradients, optimizer states, DeepSpeed buckets) in bytes per GPU; gradients, optimizer
+    states and the reduce bucket count the `trainable` parameters only (default: all; LiT locks the rest)."""
     w = 4 if precision == "fp32" else 2
     k = 8 if precision == "fp32" else 12
-    p_b, g_b, o_b = w * params, w * params, k * params
+    t = params if trainable is None else trainable
+    p_b, g_b, o_b = w * params, w * t, k * t
     if zero >= 1:
         o_b /= world
     if zero >= 2:
@@ -208,7 +213,7 @@ def state_bytes(params: int, precision: str, zero: int, world: int) -> tuple[flo
     if world == 1 or zero == 0:
         buckets = 0.0
     elif zero in (1, 2):
-        buckets = w * min(REDUCE_BUCKET, params)
+        buckets = w * min(REDUCE_BUCKET, t)
     else:
         buckets = w * min(PREFETCH_BUCKET, params)
     return p_b, g_b, o_b, buckets
@@ -232,19 +237,22 @@ def clip_loss_bytes(local: int, global_batch: int) -> float:
 
 
 def comm_bytes(params: int, precision: str, zero: int, world: int, steps: int, global_batch: int,
-               embed: int, caching: bool) -> float:
-    """Bytes each GPU sends (= receives) per optimizer step with ring collectives."""
+               embed: int, caching: bool, trainable: int | None = None) -> float:
+    """Bytes each GPU sends (= receives) per optimizer step with ring collectives; gradients and updated
+    weights move for the `trainable` parameters only (default: all), ZeRO 3's weight gathers for all."""
     if world == 1:
         return 0.0
     w = 4 if precision == "fp32" else 2
     f = (world - 1) / world
+    t = params if trainable is None else trainable
     if zero in (0, 1):
-        model = 2 * f * w * params  # one gradient all-reduce (ZeRO 1: reduce-scatter + all-gather) per step
+        model = 2 * f * w * t  # one gradient all-reduce (ZeRO 1: reduce-scatter + all-gather) per step
     elif zero == 2:
-        model = steps * f * w * params + f * w * params  # reduce-scatter every micro-step, then all-gather
+        model = steps * f * w * t + f * w * t  # reduce-scatter every micro-step, then all-gather
     else:
         forwards = 2 if caching else 1  # the cached feature pass gathers the weights too
-        model = steps * (forwards + 2) * f * w * params  # all-gather per forward and in backward, reduce-scatter
+        # all-gather per forward and in backward (every weight), reduce-scatter (the trainable gradients)
+        model = steps * ((forwards + 1) * params + t) * f * w
     loss = 2 * f * 4 * global_batch * embed + 2 * 2 * 4 * global_batch  # gather text, scatter its grad, stats
     return model + loss
 
@@ -319,17 +327,32 @@ class Plan:
     options: list[Option]
     max_micro: dict  # (zero, ckpt) -> the largest micro-batch that fits (0: none)
     best: Option | None
+    trainable: int  # parameters that get gradients and optimizer states (all but LiT's locked ones)
+    locks: dict  # the model.lock_* keys planned for
 
     @property
     def local(self) -> int:
         return self.batch // self.gpus
 
 
+def trainable_params(model: str, locks: dict) -> int:
+    """Parameters left trainable by the run config's model.lock_* keys `locks`, counted on the meta device."""
+    from ..model.clip import create_model
+    from .config import TrainConfig
+    from .finetune import lock_towers
+
+    with torch.device("meta"):
+        m = create_model(model)
+    lock_towers(m, TrainConfig.from_dict({"model": {"name": model, **locks}}))
+    return sum(p.numel() for p in m.parameters() if p.requires_grad)
+
+
 def make_plan(model: str, gpu: str, gpus: int, batch: int, precision: str | None = None,
               zero: int | None = None, mfu: float | None = None, results_dir: str | None = None,
-              trace: TraceResult | None = None) -> Plan:
+              trace: TraceResult | None = None, locks: dict | None = None) -> Plan:
     """The options and the recommendation. The achievable fraction of peak is `mfu`, else the one
-    measured in `results_dir` (a benchmark JSON file or folder, read only when given), else GPU_SPECS'."""
+    measured in `results_dir` (a benchmark JSON file or folder, read only when given), else GPU_SPECS'.
+    `locks`: model.lock_* keys (LiT): locked parameters need no gradient, optimizer state or reduction."""
     if gpu not in GPU_SPECS:
         raise PlanError(f"unknown GPU type {gpu!r}; choose one of {', '.join(GPU_SPECS)}")
     spec = GPU_SPECS[gpu]
@@ -348,6 +371,7 @@ def make_plan(model: str, gpu: str, gpus: int, batch: int, precision: str | None
         raise PlanError(f"--mfu is a fraction of peak FLOP/s in (0, 1], got {mfu:g}")
     cfg = get_preset(model)  # refuses unknown names with the list of presets
     trace = trace or trace_model(model, precision)
+    trainable = trainable_params(model, locks) if locks else trace.params
     local = batch // gpus
     capacity = spec.memory_gib * GiB * (1 - FRAGMENTATION_HEADROOM) - RESERVE_BYTES
     measured = measured_mfu(gpu, results_dir, model) if mfu is None else None
@@ -364,7 +388,7 @@ def make_plan(model: str, gpu: str, gpus: int, batch: int, precision: str | None
     options, max_micro = [], {}
     for z in ([zero] if zero is not None else [0, 1, 2, 3]):
         for ckpt in (False, True):
-            p_b, g_b, o_b, buckets = state_bytes(trace.params, precision, z, gpus)
+            p_b, g_b, o_b, buckets = state_bytes(trace.params, precision, z, gpus, trainable)
             max_micro[(z, ckpt)] = 0
             for m in divisors:
                 steps = local // m
@@ -375,14 +399,14 @@ def make_plan(model: str, gpu: str, gpus: int, batch: int, precision: str | None
                 max_micro[(z, ckpt)] = m
                 passes = 3 + (1 if steps > 1 else 0) + (1 if ckpt else 0)
                 compute = trace.flops_per_sample * local * passes / throughput
-                comm = comm_bytes(trace.params, precision, z, gpus, steps, batch, cfg.embed_dim, steps > 1)
+                comm = comm_bytes(trace.params, precision, z, gpus, steps, batch, cfg.embed_dim, steps > 1, trainable)
                 options.append(Option(z, ckpt, m, steps, mem, compute, comm / (link_gbs(spec, gpus) * 1e9)))
     # fastest; ties go to the larger micro-batch (better GEMM efficiency), then the smaller memory (so
     # ZeRO 1/2 beat ZeRO 0 where they move the same bytes), then the lower stage
     best = min(options, key=lambda o: (float(f"{o.step_s:.6g}"), -o.micro, round(o.memory.total / GiB, 2), o.zero),
                default=None)
     return Plan(model, gpu, gpus, batch, precision, trace, cfg.embed_dim, capacity, mfu, source, options,
-                max_micro, best)
+                max_micro, best, trainable, dict(locks or {}))
 
 
 # --------------------------------------------------------------------------------------- output
@@ -395,7 +419,9 @@ def format_plan(plan: Plan) -> str:
     lines = [
         f"clipforge plan: {plan.model} on {plan.gpus} x {plan.gpu}, contrastive batch {plan.batch:,} "
         f"({plan.local:,} per GPU), {plan.precision}",
-        f"  parameters {t.params / 1e6:.1f} M; forward {t.flops_per_sample / 1e9:.2f} GFLOP per pair; "
+        f"  parameters {t.params / 1e6:.1f} M"
+        + (f" ({plan.trainable / 1e6:.1f} M trainable, the rest locked)" if plan.trainable != t.params else "")
+        + f"; forward {t.flops_per_sample / 1e9:.2f} GFLOP per pair; "
         f"usable memory {plan.capacity / GiB:.1f} GiB of {spec.memory_gib:g} "
         f"(1 GiB reserve, {FRAGMENTATION_HEADROOM:.0%} headroom)",
         f"  activations per sample: {t.act_per_sample / 2**20:.2f} MiB, with checkpointing "
@@ -409,7 +435,7 @@ def format_plan(plan: Plan) -> str:
     stages = sorted({z for z, _ in plan.max_micro})
     for z in stages:
         for ckpt in (False, True):
-            p_b, g_b, o_b, bk = state_bytes(t.params, plan.precision, z, plan.gpus)
+            p_b, g_b, o_b, bk = state_bytes(t.params, plan.precision, z, plan.gpus, plan.trainable)
             m = plan.max_micro[(z, ckpt)]
             lines.append(f"  {z:4d}  {'yes' if ckpt else 'no ':4s} {_gb(p_b)} {_gb(g_b)} {_gb(o_b)} {_gb(bk)} | "
                          f"{m if m else 'does not fit'}")
@@ -421,7 +447,8 @@ def format_plan(plan: Plan) -> str:
     if b is None:
         lines.append("  no configuration fits: use more GPUs, a higher ZeRO stage or a smaller model")
         return "\n".join(lines)
-    comm = comm_bytes(t.params, plan.precision, b.zero, plan.gpus, b.steps, plan.batch, plan.embed, b.steps > 1)
+    comm = comm_bytes(t.params, plan.precision, b.zero, plan.gpus, b.steps, plan.batch, plan.embed, b.steps > 1,
+                      plan.trainable)
     m = b.memory
     lines += [
         f"  recommended: ZeRO {b.zero}, activation checkpointing {'on' if b.ckpt else 'off'}, micro-batch "
@@ -446,7 +473,7 @@ def run_config(plan: Plan, data_path: str, output_dir: str | None = None) -> dic
         raise PlanError("no configuration fits, so there is no run config to write")
     is_l = plan.model.startswith("ViT-L")
     data = {
-        "model": {"name": plan.model, "grad_checkpointing": b.ckpt},
+        "model": {"name": plan.model, "grad_checkpointing": b.ckpt, **plan.locks},
         "data": {"kind": "webdataset", "path": data_path, "loader": "dali", "num_workers": 8},
         "batch": {"global_size": plan.batch, "micro_size": b.micro},
         "optimizer": {"lr": 4.0e-4 if is_l else 5.0e-4, "weight_decay": 0.2, "grad_clip": 1.0},
@@ -476,6 +503,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--results", metavar="PATH", default=None,
                         help="pytest-benchmark JSON file, or folder of them, with measured train-step MFU "
                              "(benchmarks/bench_train_step.py); default: none, nothing is read")
+    for tower in ("image", "text"):
+        parser.add_argument(f"--lock-{tower}", type=int, default=None, metavar="K",
+                            help=f"LiT: plan with the {tower} tower locked but for its last K groups "
+                                 f"(model.lock_{tower}, model.lock_{tower}_unlocked_groups)")
     parser.add_argument("--write-config", metavar="PATH", default=None,
                         help="write the recommended configuration as a run config (YAML)")
     parser.add_argument("--data", default="/data/shards/{00000..41407}.tar",
@@ -484,8 +515,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     try:
+        locks = {}
+        for tower in ("image", "text"):
+            if getattr(args, f"lock_{tower}") is not None:
+                locks.update({f"lock_{tower}": True, f"lock_{tower}_unlocked_groups": getattr(args, f"lock_{tower}")})
         plan = make_plan(args.model, args.gpu, args.gpus, args.batch, args.precision, args.zero, args.mfu,
-                         args.results)
+                         args.results, locks=locks)
         print(format_plan(plan))
         if args.write_config:
             import yaml
@@ -493,7 +528,9 @@ def run(args) -> int:
             with open(args.write_config, "w") as f:
                 f.write(f"# written by: clipforge plan --model {args.model} --gpu {args.gpu} --gpus {args.gpus} "
                         f"--batch {args.batch} --precision {plan.precision}"
-                        f"{'' if args.zero is None else f' --zero {args.zero}'} --data '{args.data}'\n"
+                        f"{'' if args.zero is None else f' --zero {args.zero}'}"
+                        + "".join(f" --lock-{t} {getattr(args, f'lock_{t}')}" for t in ("image", "text")
+                                  if getattr(args, f"lock_{t}") is not None) + f" --data '{args.data}'\n"
                         f"# set data.path to your shards; launch with deepspeed (see README)\n")
                 yaml.safe_dump(data, f, sort_keys=False)
             print(f"  run config written to {args.write_config}")
