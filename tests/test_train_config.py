@@ -303,7 +303,8 @@ def test_every_data_field_reaches_the_loader(tmp_path):
     from clipforge.model import get_preset
     from clipforge.train.trainer import build_data_source
 
-    values = {"kind": "webdataset", "path": str(tmp_path / "shards"), "eval_path": str(tmp_path / "held-out"),
+    values = {"kind": "webdataset", "path": f"{tmp_path / 'shards'}::{tmp_path / 'more'}", "sources": None,
+              "upsampling_factors": [3, 1], "resampled": True, "eval_path": str(tmp_path / "held-out"),
               "loader": "synthetic", "num_workers": 3, "token_workers": 1, "cache_dir": str(tmp_path / "cache"),
               "seed": 7, "shuffle": False, "batch_size": 4, "drop_last": True, "random_area": [0.5, 0.8],
               "random_aspect_ratio": [0.5, 2.0], "max_pixels": 123456, "prefetch": 3, "device": "cpu",

@@ -285,9 +285,14 @@ def _validate_shard(path: str, cache_dir: str, max_pixels: int, threads: int):
 
 
 def build_catalog(spec, *, cache_dir: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, threads: int = 2,
-                  rank: int = 0, world_size: int = 1) -> Catalog:
-    """Sample counts of every shard (same result on every rank; read-time checks are cached)."""
+                  rank: int = 0, world_size: int = 1, key: str = "data.path") -> Catalog:
+    """Sample counts of every shard (same result on every rank; read-time checks are cached). `key`: the
+    config key the spec came from, for the message when nothing is usable."""
     paths = expand_shards(spec)
+    # skips by shard are reported by file name; by path where two shards (e.g. of two sources) share one
+    names = [os.path.basename(p) for p in paths]
+    clash = {n for n, c in Counter(names).items() if c > 1}
+    names = [p if n in clash else n for p, n in zip(paths, names)]
     cache_dir = cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
                                           "clipforge", "shards")
     refs: list[ShardRef | None] = [None] * len(paths)
@@ -320,8 +325,8 @@ def build_catalog(spec, *, cache_dir: str | None = None, max_pixels: int = DEFAU
             skipped.update(sk)
             repaired.update(rp)
             if sk:
-                by_shard[os.path.basename(paths[i])] = dict(sk)
+                by_shard[names[i]] = dict(sk)
     cat = Catalog(refs, skipped, repaired, at_make_shards, by_shard)
     if int(cat.counts.sum()) == 0:
-        raise DataError(f"no usable sample in data.path = {spec!r} (skipped: {dict(cat.skipped)})")
+        raise DataError(f"no usable sample in {key} = {spec!r} (skipped: {dict(cat.skipped)})")
     return cat

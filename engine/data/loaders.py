@@ -40,6 +40,11 @@ sample's crop from (seed, epoch, shard, sample), so a resumed run crops exactly 
 one; DALI's pipeline seed is (seed, epoch, rank, position), so after a resume DALI sees the same
 samples in the same order with different crop draws.
 
+Several sources (`data.sources`, OpenCLIP's `data.path: "a::b"` + `data.upsampling_factors`) and
+resampled shards (`data.resampled`) replace that order for training loaders with data/sources.py's:
+global batches mixed from the sources in their weights, each rank its slots of every global batch,
+each source an endless stream; the same state, plus the streams' positions (`state["sources"]`).
+
 Bad samples (the robustness design)
 -----------------------------------
 1. `clipforge make-shards` validates every sample (Pillow verify + decode, JPEG marker walk, caption
@@ -91,9 +96,10 @@ import torch
 
 from ..model.tokenizer import DEFAULT_CONTEXT_LENGTH
 from .catalog import Catalog, build_catalog
-from .config import DataConfig, DataError
+from .config import DataConfig, DataError, split_sources
 from .order import _EpochPlan, rank_segments
 from .images import normalize_uint8, pil_decode, pil_transform
+from .sources import Mixture, is_mixed, source_catalog
 
 
 # Run-time counters of a loader (`loader.stats["runtime"]`), in a fixed order so ranks can sum them:
@@ -220,14 +226,24 @@ class _Loader:
         self.image_size, self.train, self.with_keys = int(image_size), train, with_keys
         self.tokenizer = tokenizer if tokenizer is not None else _default_tokenizer()
         self.catalog = catalog if catalog is not None else self._catalog()
+        # several sources or resampled shards (data/sources.py): the global batches' mix and streams
+        self.mix = Mixture(cfg, self.catalog, rank=rank, world_size=world_size, batch_size=self.batch_size,
+                           shuffle=cfg.shuffle) if self._mixed else None
         self.runtime = Counter()
         self.delivered = 0
         self._gone: set[str] = set()  # shards found missing (warned about once each)
         if self.position < 0 or self.position > self.num_samples:
             raise DataError(f"start position {self.position} is outside this rank's epoch of {self.num_samples} samples")
 
+    @property
+    def _mixed(self) -> bool:  # the synthetic backend (tests, in memory) has one shard and ignores the sources
+        return self.train and self.backend != "synthetic" and is_mixed(self.cfg)
+
     def _catalog(self) -> Catalog:
-        return build_catalog(self.cfg.path, cache_dir=self.cfg.cache_dir, max_pixels=self.cfg.max_pixels,
+        if self._mixed:
+            return source_catalog(self.cfg, rank=self.rank, world_size=self.world_size)
+        spec = split_sources(self.cfg.path) or self.cfg.path  # evaluation reads 'a::b' as both, each sample once
+        return build_catalog(spec, cache_dir=self.cfg.cache_dir, max_pixels=self.cfg.max_pixels,
                              threads=self.cfg.num_workers, rank=self.rank, world_size=self.world_size)
 
     # ---- order
@@ -238,10 +254,14 @@ class _Loader:
     @property
     def num_samples(self) -> int:
         """Samples of this rank's slice of an epoch."""
+        if self.mix is not None:
+            return self.mix.batches_per_epoch * self.batch_size
         n = self.total_samples
         return (self.rank + 1) * n // self.world_size - self.rank * n // self.world_size
 
     def _epoch_batches(self) -> int:
+        if self.mix is not None:
+            return self.mix.batches_per_epoch
         if self.cfg.drop_last:
             return (self.total_samples // self.world_size) // self.batch_size
         return math.ceil(self.num_samples / self.batch_size)
@@ -250,6 +270,10 @@ class _Loader:
         return self._epoch_batches()
 
     def _plan(self) -> _EpochPlan:
+        if self.mix is not None:
+            plan = self.mix.plan(self.catalog, self.epoch, self.position)
+            self._vanished(self.catalog.refs[s].path for s in plan.missing)
+            return plan
         shuffle = self.train and self.cfg.shuffle
         segments = rank_segments(self.catalog.counts, seed=self.cfg.seed, epoch=self.epoch, rank=self.rank,
                                  world_size=self.world_size, shuffle=shuffle)
@@ -278,8 +302,11 @@ class _Loader:
         self.epoch, self.position = int(epoch), 0
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.cfg.seed,
-                "world_size": self.world_size, "num_samples": self.num_samples}
+        state = {"epoch": self.epoch, "position": self.position, "seed": self.cfg.seed,
+                 "world_size": self.world_size, "num_samples": self.num_samples}
+        if self.mix is not None:
+            state["sources"] = self.mix.state(self.epoch, self.position)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("world_size", self.world_size) != self.world_size:
@@ -291,6 +318,11 @@ class _Loader:
         if state.get("num_samples", self.num_samples) != self.num_samples:
             raise DataError(f"the data position was saved over {state['num_samples']} samples per rank, the shards "
                             f"now give {self.num_samples}: the data set changed, resume at the epoch start")
+        if self.mix is not None:
+            self.mix.load(state.get("sources"), int(state["epoch"]), int(state["position"]))
+        elif "sources" in state:
+            raise DataError("the data position was saved by a run that mixes sources (data.sources, '::' or "
+                            "data.resampled), this run reads one data.path: resume with the data config it was saved with")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
     # ---- counters
@@ -409,12 +441,14 @@ class ShardBatches:
         self.local_batch = global_batch // world_size
         self.rank, self.world_size, self.image_size = rank, world_size, image_size
         self.train_cfg = dataclasses.replace(cfg, batch_size=self.local_batch, drop_last=True)
-        self.eval_cfg = dataclasses.replace(self.train_cfg, path=cfg.eval_path) if cfg.eval_path else None
+        self.eval_cfg = dataclasses.replace(self.train_cfg, path=cfg.eval_path, sources=None, upsampling_factors=None,
+                                            resampled=False) if cfg.eval_path else None
         self.eval_batches = eval_batches
         self.loader = build_train_loader(self.train_cfg, rank, world_size, image_size=image_size)
         if len(self.loader) == 0:
+            what = "data.sources" if cfg.sources is not None else "data.path"
             raise DataError(
-                f"config key 'data.path' ({cfg.path}) holds fewer usable samples than one global batch of "
+                f"config key '{what}' ({cfg.sources or cfg.path}) holds fewer usable samples than one global batch of "
                 f"{global_batch}; use more data or a smaller batch.global_size"
             )
         self._iter = None

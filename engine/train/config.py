@@ -304,8 +304,8 @@ class TrainConfig:
                     "config key 'deepspeed.offload_optimizer' needs optimizer.impl: deepspeed "
                     "(DeepSpeedCPUAdam steps the offloaded states; torch.optim.AdamW would be slow there)"
                 )
-        if self.data.kind == "webdataset" and not self.data.path:
-            raise ConfigError("config key 'data.path' is required when data.kind is webdataset")
+        if self.data.kind == "webdataset" and not (self.data.path or self.data.sources):
+            raise ConfigError("config key 'data.path' (or data.sources) is required when data.kind is webdataset")
 
     def validate(self, world_size: int) -> int:
         """Refuse combinations impossible on `world_size` ranks; returns the gradient-caching steps."""

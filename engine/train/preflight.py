@@ -133,6 +133,8 @@ def check_model(cfg: TrainConfig):
 
 # --------------------------------------------------------------------------------------- data
 def check_data(cfg: TrainConfig, model_config) -> None:
+    from ..data.config import split_sources
+
     data = cfg.data
     if data.kind == "synthetic":
         from ..data.synthetic import CLASS_TOKEN
@@ -145,9 +147,15 @@ def check_data(cfg: TrainConfig, model_config) -> None:
             raise ConfigError(f"config key 'data.num_classes' ({data.num_classes}) needs a vocabulary of more than "
                               f"{CLASS_TOKEN + data.num_classes + 2} tokens, the model has {model_config.text.vocab_size}")
         return
-    check_shards("data.path", data.path)
+    if data.sources is not None:  # several sources: each must exist and hold samples, named by its key
+        for i, source in enumerate(data.sources):
+            check_shards(f"data.sources[{i}].path", source["path"])
+    else:  # OpenCLIP's "a::b": the same for each of its sources
+        for spec in split_sources(data.path) or [data.path]:
+            check_shards("data.path", spec)
     if data.eval_path:
-        check_shards("data.eval_path", data.eval_path)
+        for spec in split_sources(data.eval_path) or [data.eval_path]:
+            check_shards("data.eval_path", spec)
     elif cfg.evaluation.every_steps:
         raise ConfigError(f"config key 'evaluation.every_steps' is {cfg.evaluation.every_steps}, but webdataset "
                           "evaluation reads held-out shards: set data.eval_path, or evaluation.every_steps=0")
