@@ -39,7 +39,11 @@ if os.environ.get("CLIPFORGE_BENCH_QUICK") == "1":
     GPU_N, GPU_D = [32768], [768]
 
 
-def _has_open_clip() -> bool:
+# ---------------------------------------------------- shared with bench_siglip.py (the sigmoid loss)
+_OPENCLIP = {"contrastive": "ClipLoss", "siglip": "SigLipLoss"}  # loss -> its OpenCLIP baseline
+
+
+def has_open_clip() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("open_clip") is not None
@@ -48,16 +52,18 @@ def _has_open_clip() -> bool:
 # Run in a fresh process: builds the features, warms up on 8 pairs, then resets the kernel's peak-RSS
 # mark (`5 > /proc/self/clear_refs`), runs one fwd+bwd and prints VmHWM - VmRSS-before (KiB): the loss's
 # own extra memory, gradients included, whatever the imports peaked at before.
+# argv: n, d, provider, clipforge's loss function, OpenCLIP's loss class, the scalar arguments (scale [, bias]).
 _CHILD = textwrap.dedent("""
     import sys, types, torch
     sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
-    n, d, provider = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    n, d, provider, ours, baseline = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
     import clipforge
     if provider == "openclip":
         import open_clip
-        loss_fn = open_clip.loss.ClipLoss()
+        loss_fn = getattr(open_clip.loss, baseline)()
     else:
-        loss_fn = lambda i, t, s: clipforge.contrastive_loss(i, t, s, backend=provider)
+        ours = getattr(clipforge, ours)
+        loss_fn = lambda i, t, *s: ours(i, t, *s, backend=provider)
     def status(key):
         for line in open("/proc/self/status"):
             if line.startswith(key + ":"):
@@ -65,62 +71,113 @@ _CHILD = textwrap.dedent("""
     g = torch.Generator().manual_seed(0)
     img = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).requires_grad_(True)
     txt = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).requires_grad_(True)
-    scale = torch.tensor(14.3, requires_grad=True)
-    loss_fn(img[:8], txt[:8], scale).backward()  # warm every import and code path on a tiny batch
-    img.grad = txt.grad = scale.grad = None
+    scalars = [torch.tensor(float(v), requires_grad=True) for v in sys.argv[6:]]
+    loss_fn(img[:8], txt[:8], *scalars).backward()  # warm every import and code path on a tiny batch
+    for x in (img, txt, *scalars):
+        x.grad = None
     before = status("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    loss_fn(img, txt, scale).backward()
+    loss_fn(img, txt, *scalars).backward()
     print(status("VmHWM") - before)
 """)
 
 
-def _peak_extra_kib(n: int, d: int, provider: str) -> int:
+def peak_extra_kib(loss: str, n: int, d: int, provider: str, *scalars: float) -> int:
+    """The extra memory (KiB) of one fwd+bwd of `loss` ("contrastive", "siglip") in a fresh process."""
     env = dict(os.environ, TRITON_INTERPRET="0")
-    out = subprocess.run([sys.executable, "-c", _CHILD, str(n), str(d), provider],
-                         capture_output=True, text=True, env=env, check=True)
+    args = [str(n), str(d), provider, f"{loss}_loss", _OPENCLIP[loss], *map(str, scalars)]
+    out = subprocess.run([sys.executable, "-c", _CHILD, *args], capture_output=True, text=True, env=env, check=True)
     return int(out.stdout.strip().splitlines()[-1])
 
 
-def _loss_fn(provider: str):
+def loss_under_test(loss: str, provider: str):
+    """clipforge's `loss` ("contrastive", "siglip") on `provider`, or its OpenCLIP baseline ("openclip")."""
     import clipforge
 
     if provider == "openclip":
         shim_torchvision()
         import open_clip
 
-        return open_clip.loss.ClipLoss()
-    return lambda i, t, s: clipforge.contrastive_loss(i, t, s, backend=provider)
+        return getattr(open_clip.loss, _OPENCLIP[loss])()
+    ours = getattr(clipforge, f"{loss}_loss")
+    return lambda i, t, *s: ours(i, t, *s, backend=provider)
 
 
+def features(n: int, d: int, device, dtype=torch.float32):
+    """(image, text) features (n, d) requiring grad: seeded normal rows, L2-normalised in fp32, then cast."""
+    g = torch.Generator(device=device).manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(n, d, generator=g, device=device), dim=1).to(dtype)
+    txt = torch.nn.functional.normalize(torch.randn(n, d, generator=g, device=device), dim=1).to(dtype)
+    return img.requires_grad_(True), txt.requires_grad_(True)
+
+
+def fwd_bwd_step(loss_fn, img, txt, *scalars, sync: bool = False):
+    """One fwd+bwd of loss_fn(img, txt, *scalars), gradients cleared first (sync: wait for the GPU)."""
+    def step():
+        for x in (img, txt, *scalars):
+            x.grad = None
+        loss_fn(img, txt, *scalars).backward()
+        if sync:
+            torch.cuda.synchronize()
+
+    return step
+
+
+def gemm_step(img, txt, logit_gemms: int):
+    """The speed of light of a fused loss: `logit_gemms` GEMMs of the logits (1: computed once; 2: and
+    recomputed in backward), then G Y and G^T X, each 2 N^2 d FLOPs, on an N x N buffer."""
+    a, b = img.detach(), txt.detach()
+    p = torch.empty(a.shape[0], b.shape[0], device=a.device, dtype=a.dtype)
+
+    def step():
+        for _ in range(logit_gemms):
+            torch.mm(a, b.t(), out=p)  # logits (and their recomputation)
+        torch.mm(p, b)                 # G Y
+        torch.mm(p.t(), a)             # G^T X
+        torch.cuda.synchronize()
+
+    return step
+
+
+def cpu_seconds(benchmark, step, n: int) -> float:
+    """The fastest of 5 rounds (1 beyond N = 8192, where one fwd+bwd takes seconds)."""
+    rounds = 5 if n <= 8192 else 1
+    benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=1 if n <= 8192 else 0)
+    return benchmark.stats.stats.min
+
+
+def cuda_peak_and_seconds(benchmark, step) -> tuple[int, float]:
+    """(max_memory_allocated of one step beyond what was allocated before it, bytes; the fastest of 10
+    rounds, seconds), after one warm-up step."""
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    peak = torch.cuda.max_memory_allocated() - base
+    benchmark.pedantic(step, rounds=10, iterations=1, warmup_rounds=2)
+    return peak, benchmark.stats.stats.min
+
+
+# ----------------------------------------------------------------------------------- the contrastive loss
 @pytest.mark.parametrize("provider", ["cpp", "torch", "openclip"])
 @pytest.mark.parametrize("n", CPU_N)
 def test_cpu_contrastive_fwd_bwd(benchmark, n, provider):
     d = 512
     if provider != "cpp" and n > CPU_BASELINE_MAX_N:
         pytest.skip(f"{provider} needs several {n}x{n} fp32 matrices; CPU baselines stop at N={CPU_BASELINE_MAX_N}")
-    if provider == "openclip" and not _has_open_clip():
+    if provider == "openclip" and not has_open_clip():
         pytest.skip("open_clip is not installed")
     if provider == "cpp":
         from clipforge import ops
 
         if ops.cpp_extension() is None:
             pytest.skip("clipforge._C is not built")
-    g = torch.Generator().manual_seed(0)
-    img = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).requires_grad_(True)
-    txt = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).requires_grad_(True)
+    img, txt = features(n, d, "cpu")
     scale = torch.tensor(14.3, requires_grad=True)
-    loss_fn = _loss_fn(provider)
-
-    def step():
-        img.grad = txt.grad = scale.grad = None
-        loss_fn(img, txt, scale).backward()
-
-    rounds = 5 if n <= 8192 else 1
-    benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=1 if n <= 8192 else 0)
-    extra_kib = _peak_extra_kib(n, d, provider)
-    seconds = benchmark.stats.stats.min
+    seconds = cpu_seconds(benchmark, fwd_bwd_step(loss_under_test("contrastive", provider), img, txt, scale), n)
+    extra_kib = peak_extra_kib("contrastive", n, d, provider, 14.3)
     benchmark.extra_info.update({
         "device": "cpu", "n": n, "d": d, "provider": provider, "pass": "fwd+bwd", "seconds": seconds,
         "gflops_4gemm": 8 * n * n * d / seconds / 1e9, "peak_extra_mb": extra_kib / 1024,
@@ -135,39 +192,18 @@ def test_cpu_contrastive_fwd_bwd(benchmark, n, provider):
 @pytest.mark.parametrize("d", GPU_D)
 @pytest.mark.parametrize("n", GPU_N)
 def test_cuda_contrastive_fwd_bwd(benchmark, n, d, provider):
-    if provider == "openclip" and not _has_open_clip():
+    if provider == "openclip" and not has_open_clip():
         pytest.skip("open_clip is not installed")
     dev = torch.device("cuda")
     dtype = torch.bfloat16
     img = torch.nn.functional.normalize(torch.randn(n, d, device=dev), dim=1).to(dtype).requires_grad_(True)
     txt = torch.nn.functional.normalize(torch.randn(n, d, device=dev), dim=1).to(dtype).requires_grad_(True)
     scale = torch.tensor(14.3, device=dev, requires_grad=True)
-    if provider == "mm4":
-        a, b = img.detach(), txt.detach()
-        p = torch.empty(n, n, device=dev, dtype=dtype)
-
-        def step():
-            torch.mm(a, b.t(), out=p)     # logits
-            torch.mm(a, b.t(), out=p)     # recompute
-            torch.mm(p, b)                # G T
-            torch.mm(p.t(), a)            # G^T I
-            torch.cuda.synchronize()
+    if provider == "mm4":  # logits, their recompute, G T, G^T I
+        step = gemm_step(img, txt, logit_gemms=2)
     else:
-        loss_fn = _loss_fn(provider)
-
-        def step():
-            img.grad = txt.grad = scale.grad = None
-            loss_fn(img, txt, scale).backward()
-            torch.cuda.synchronize()
-
-    step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    step()
-    peak = torch.cuda.max_memory_allocated() - base
-    benchmark.pedantic(step, rounds=10, iterations=1, warmup_rounds=2)
-    seconds = benchmark.stats.stats.min
+        step = fwd_bwd_step(loss_under_test("contrastive", provider), img, txt, scale, sync=True)
+    peak, seconds = cuda_peak_and_seconds(benchmark, step)
     benchmark.extra_info.update({
         "device": torch.cuda.get_device_name(), "n": n, "d": d, "provider": provider, "dtype": "bf16",
         "pass": "fwd+bwd", "seconds": seconds, "gflops_4gemm": 8 * n * n * d / seconds / 1e9,

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
-from common import roofline, shim_torchvision
+from bench_contrastive import (
+    cpu_seconds, cuda_peak_and_seconds, features, fwd_bwd_step, gemm_step, has_open_clip, loss_under_test,
+    peak_extra_kib,
+)
+from common import roofline
 
 CPU_N = [int(os.environ["CLIPFORGE_BENCH_N"])] if "CLIPFORGE_BENCH_N" in os.environ else [4096, 8192, 16384, 32768, 65536]
 CPU_BASELINE_MAX_N = 16384
@@ -39,67 +40,11 @@ GPU_N, GPU_D = [32768], [768]  # the quick run's shape is the whole GPU set: one
 SCALE, BIAS = 10.0, -10.0
 
 
-def _has_open_clip() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("open_clip") is not None
-
-
-# A fresh process: builds the features, warms up on 8 pairs, then resets the kernel's peak-RSS mark
-# (`5 > /proc/self/clear_refs`), runs one fwd+bwd and prints VmHWM - VmRSS-before (KiB).
-_CHILD = textwrap.dedent("""
-    import sys, types, torch
-    sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
-    n, d, provider, t0, b0 = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], float(sys.argv[4]), float(sys.argv[5])
-    import clipforge
-    if provider == "openclip":
-        import open_clip
-        loss_fn = open_clip.loss.SigLipLoss()
-    else:
-        loss_fn = lambda i, t, s, b: clipforge.siglip_loss(i, t, s, b, backend=provider)
-    def status(key):
-        for line in open("/proc/self/status"):
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    g = torch.Generator().manual_seed(0)
-    img = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).requires_grad_(True)
-    txt = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).requires_grad_(True)
-    scale, bias = torch.tensor(t0, requires_grad=True), torch.tensor(b0, requires_grad=True)
-    loss_fn(img[:8], txt[:8], scale, bias).backward()  # warm every import and code path on a tiny batch
-    img.grad = txt.grad = scale.grad = bias.grad = None
-    before = status("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    loss_fn(img, txt, scale, bias).backward()
-    print(status("VmHWM") - before)
-""")
-
-
-def _peak_extra_kib(n: int, d: int, provider: str) -> int:
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    out = subprocess.run([sys.executable, "-c", _CHILD, str(n), str(d), provider, str(SCALE), str(BIAS)],
-                         capture_output=True, text=True, env=env, check=True)
-    return int(out.stdout.strip().splitlines()[-1])
-
-
-def _loss_fn(provider: str):
-    import clipforge
-
-    if provider == "openclip":
-        shim_torchvision()
-        import open_clip
-
-        return open_clip.loss.SigLipLoss()
-    return lambda i, t, s, b: clipforge.siglip_loss(i, t, s, b, backend=provider)
-
-
 def _inputs(n: int, d: int, device, dtype=torch.float32):
-    g = torch.Generator(device=device).manual_seed(0)
-    img = torch.nn.functional.normalize(torch.randn(n, d, generator=g, device=device), dim=1).to(dtype)
-    txt = torch.nn.functional.normalize(torch.randn(n, d, generator=g, device=device), dim=1).to(dtype)
+    img, txt = features(n, d, device, dtype)
     scale = torch.tensor(SCALE, device=device, requires_grad=True)
     bias = torch.tensor(BIAS, device=device, requires_grad=True)
-    return img.requires_grad_(True), txt.requires_grad_(True), scale, bias
+    return img, txt, scale, bias
 
 
 @pytest.mark.parametrize("provider", ["cpp", "openclip"])
@@ -108,7 +53,7 @@ def test_cpu_siglip_fwd_bwd(benchmark, n, provider):
     d = 512
     if provider != "cpp" and n > CPU_BASELINE_MAX_N:
         pytest.skip(f"{provider} needs several {n}x{n} fp32 matrices; the CPU baseline stops at N={CPU_BASELINE_MAX_N}")
-    if provider == "openclip" and not _has_open_clip():
+    if provider == "openclip" and not has_open_clip():
         pytest.skip("open_clip is not installed")
     if provider == "cpp":
         from clipforge import ops
@@ -116,16 +61,8 @@ def test_cpu_siglip_fwd_bwd(benchmark, n, provider):
         if ops.siglip_kernels("cpp") is None:
             pytest.skip("clipforge._C is not built (or has no siglip_forward)")
     img, txt, scale, bias = _inputs(n, d, "cpu")
-    loss_fn = _loss_fn(provider)
-
-    def step():
-        img.grad = txt.grad = scale.grad = bias.grad = None
-        loss_fn(img, txt, scale, bias).backward()
-
-    rounds = 5 if n <= 8192 else 1
-    benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=1 if n <= 8192 else 0)
-    extra_kib = _peak_extra_kib(n, d, provider)
-    seconds = benchmark.stats.stats.min
+    seconds = cpu_seconds(benchmark, fwd_bwd_step(loss_under_test("siglip", provider), img, txt, scale, bias), n)
+    extra_kib = peak_extra_kib("siglip", n, d, provider, SCALE, BIAS)
     benchmark.extra_info.update({
         "device": "cpu", "n": n, "d": d, "provider": provider, "pass": "fwd+bwd", "seconds": seconds,
         "gflops_3gemm": 6 * n * n * d / seconds / 1e9, "peak_extra_mb": extra_kib / 1024,
@@ -140,36 +77,14 @@ def test_cpu_siglip_fwd_bwd(benchmark, n, provider):
 @pytest.mark.parametrize("d", GPU_D)
 @pytest.mark.parametrize("n", GPU_N)
 def test_cuda_siglip_fwd_bwd(benchmark, n, d, provider):
-    if provider == "openclip" and not _has_open_clip():
+    if provider == "openclip" and not has_open_clip():
         pytest.skip("open_clip is not installed")
     img, txt, scale, bias = _inputs(n, d, torch.device("cuda"), torch.bfloat16)
-    if provider in ("mm3", "mm4"):
-        a, b = img.detach(), txt.detach()
-        p = torch.empty(n, n, device=a.device, dtype=a.dtype)
-        logits = 1 if provider == "mm3" else 2
-
-        def step():
-            for _ in range(logits):
-                torch.mm(a, b.t(), out=p)  # logits (mm4: and their recomputation)
-            torch.mm(p, b)                 # G Y
-            torch.mm(p.t(), a)             # G^T X
-            torch.cuda.synchronize()
+    if provider in ("mm3", "mm4"):  # the logits (mm4: and their recomputation), G Y, G^T X
+        step = gemm_step(img, txt, logit_gemms=1 if provider == "mm3" else 2)
     else:
-        loss_fn = _loss_fn(provider)
-
-        def step():
-            img.grad = txt.grad = scale.grad = bias.grad = None
-            loss_fn(img, txt, scale, bias).backward()
-            torch.cuda.synchronize()
-
-    step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    step()
-    peak = torch.cuda.max_memory_allocated() - base
-    benchmark.pedantic(step, rounds=10, iterations=1, warmup_rounds=2)
-    seconds = benchmark.stats.stats.min
+        step = fwd_bwd_step(loss_under_test("siglip", provider), img, txt, scale, bias, sync=True)
+    peak, seconds = cuda_peak_and_seconds(benchmark, step)
     benchmark.extra_info.update({
         "device": torch.cuda.get_device_name(), "n": n, "d": d, "provider": provider, "dtype": "bf16",
         "pass": "fwd+bwd", "seconds": seconds, "gflops_3gemm": 6 * n * n * d / seconds / 1e9,

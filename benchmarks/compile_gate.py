@@ -161,37 +161,41 @@ def _attention_launches(shape, dtype_name, arch, log):
         attn._attention_backward(torch.empty_like(o), q, k, v, o, lse, causal, scale)
 
 
+def _feature_launches(module: str, shape, dtype_name, arch, log, drive):
+    """Both losses' cases: `drive(image, text)` runs the loss's own Triton path on (rows, d) image and
+    (cols, d) text features on `meta`, with the kernels of clipforge.kernels.<module> recorded."""
+    import torch
+
+    kernel = importlib.import_module(f"clipforge.kernels.{module}")
+    rows, cols, dim = shape
+    dtype = getattr(torch, dtype_name)
+    with recording(kernel, arch, log):
+        drive(torch.empty(rows, dim, dtype=dtype, device="meta"), torch.empty(cols, dim, dtype=dtype, device="meta"))
+
+
 def _loss_launches(shape, dtype_name, arch, log):
     import torch
 
     from clipforge.loss import _Impl
 
-    kernel = importlib.import_module("clipforge.kernels.contrastive")
-    rows, cols, dim = shape
-    dtype = getattr(torch, dtype_name)
-    with recording(kernel, arch, log):
-        image = torch.empty(rows, dim, dtype=dtype, device="meta")
-        text = torch.empty(cols, dim, dtype=dtype, device="meta")
+    def drive(image, text):
         impl = _Impl("triton", None)
         row_lse, col_max, col_sum = impl.forward(image, text, 14.3)
         col_lse = col_max + torch.log(col_sum)
-        impl.backward(image, text, 14.3, row_lse, col_lse, 0, 1.0 / (2 * cols))
+        impl.backward(image, text, 14.3, row_lse, col_lse, 0, 1.0 / (2 * text.shape[0]))
+
+    _feature_launches("contrastive", shape, dtype_name, arch, log, drive)
 
 
 def _siglip_launches(shape, dtype_name, arch, log):
-    import torch
-
     from clipforge.siglip_loss import _SigLipImpl
 
-    kernel = importlib.import_module("clipforge.kernels.siglip")
-    rows, cols, dim = shape
-    dtype = getattr(torch, dtype_name)
-    with recording(kernel, arch, log):
-        image = torch.empty(rows, dim, dtype=dtype, device="meta")
-        text = torch.empty(cols, dim, dtype=dtype, device="meta")
+    def drive(image, text):
         impl = _SigLipImpl("triton", None)
         impl.forward(image, text, 10.0, -10.0, 0)  # the value alone (no gradient wanted)
-        impl.forward_backward(image, text, 10.0, -10.0, 0, 1.0 / cols)  # value and gradients: the training path
+        impl.forward_backward(image, text, 10.0, -10.0, 0, 1.0 / text.shape[0])  # value and gradients: training
+
+    _feature_launches("siglip", shape, dtype_name, arch, log, drive)
 
 
 def cases(quick: bool, ops=OPS, dtypes=DTYPES):

@@ -65,14 +65,14 @@ inline void check_loss_pair(const at::Tensor& a, const at::Tensor& b, const char
 }
 
 // ------------------------------------------------------------------------------------ SIMD helpers
-// 8 floats as one value through GCC/Clang vector extensions, for the elementwise passes of the losses:
-// a function marked CLIPFORGE_SIMD_CLONES is compiled once per ISA (AVX-512, AVX2, baseline) and picked
-// at load time (GCC >= 12 on x86-64 glibc; elsewhere one baseline build of the same code). The helpers
-// are always inlined into each clone. 8 lanes, one ymm register: with 16-lane values a polynomial like
-// softplus's keeps more of them live than AVX2's 16 ymm registers hold, and the spills made it 5x
-// slower on this development machine (AVX2, no AVX-512: 6.4-8 vs 1.5-1.6 ns per softplus, one thread).
-// (contrastive.cpp still carries its own 16-lane helpers and feature checks from before this header
-// had them.)
+// 8 or 16 floats as one value through GCC/Clang vector extensions, for the elementwise passes of the
+// losses: a function marked CLIPFORGE_SIMD_CLONES is compiled once per ISA (AVX-512, AVX2, baseline) and
+// picked at load time (GCC >= 12 on x86-64 glibc; elsewhere one baseline build of the same code). The
+// helpers are templates over the vector type, always inlined into each clone. contrastive.cpp's exp
+// passes use 16 lanes (one zmm on AVX-512, two ymm on AVX2); siglip.cpp's 8, one ymm register: with
+// 16-lane values a polynomial like softplus's keeps more of them live than AVX2's 16 ymm registers hold,
+// and the spills made it 5x slower on this development machine (AVX2, no AVX-512: 6.4-8 vs 1.5-1.6 ns
+// per softplus, one thread).
 #if defined(__x86_64__) && defined(__GLIBC__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
 #define CLIPFORGE_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
@@ -86,45 +86,60 @@ namespace simd {
 
 typedef float f32x8 __attribute__((vector_size(32)));
 typedef int32_t i32x8 __attribute__((vector_size(32)));
-constexpr int64_t kLanes = 8;
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
 
-__attribute__((always_inline)) inline f32x8 load8(const float* p) {
-  f32x8 v;
+template <typename V> struct IntOf;  // the int32 vector of a float vector's width
+template <> struct IntOf<f32x8> { typedef i32x8 type; };
+template <> struct IntOf<f32x16> { typedef i32x16 type; };
+template <typename V> constexpr int64_t lanes = sizeof(V) / sizeof(float);
+
+template <typename V>
+__attribute__((always_inline)) inline V load(const float* p) {
+  V v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
-__attribute__((always_inline)) inline void store8(float* p, f32x8 v) { std::memcpy(p, &v, sizeof v); }
-__attribute__((always_inline)) inline f32x8 splat(float x) { return f32x8{} + x; }
+template <typename V>
+__attribute__((always_inline)) inline void store(float* p, V v) { std::memcpy(p, &v, sizeof v); }
+template <typename V>
+__attribute__((always_inline)) inline V splat(float x) { return V{} + x; }
 // The first `count` lanes from p, the rest `fill`.
-__attribute__((always_inline)) inline f32x8 load_tail(const float* p, int64_t count, float fill) {
-  float tmp[kLanes];
-  for (int64_t k = 0; k < kLanes; ++k) tmp[k] = k < count ? p[k] : fill;
-  return load8(tmp);
+template <typename V>
+__attribute__((always_inline)) inline V load_tail(const float* p, int64_t count, float fill) {
+  float tmp[lanes<V>];
+  for (int64_t k = 0; k < lanes<V>; ++k) tmp[k] = k < count ? p[k] : fill;
+  return load<V>(tmp);
 }
-__attribute__((always_inline)) inline f32x8 abs8(f32x8 x) { return x < 0.0f ? -x : x; }
-__attribute__((always_inline)) inline float hsum(f32x8 v) {
+template <typename V>
+__attribute__((always_inline)) inline V vabs(V x) { return x < 0.0f ? -x : x; }
+template <typename V>
+__attribute__((always_inline)) inline float hsum(V v) {
   float t = 0.0f;
-  for (int64_t k = 0; k < kLanes; ++k) t += v[k];
+  for (int64_t k = 0; k < lanes<V>; ++k) t += v[k];
   return t;
 }
 
-// exp(x) lane-wise for x <= ~0.3, relative error ~2 ulp (Cephes' expf polynomial after x = n ln2 + r);
-// x below -87 is clamped there (~1.6e-38, never a denormal); NaN propagates.
-__attribute__((always_inline)) inline f32x8 exp_nonpositive(f32x8 x) {
-  const f32x8 floor_x = splat(-87.0f);
+// exp(x) lane-wise for x <= ~0.3 (the callers pass logit - reference <= 0, or -|x|), relative error
+// ~2 ulp (Cephes' expf polynomial after x = n ln2 + r); x below -87 is clamped there (~1.6e-38, never a
+// denormal); NaN propagates (the clamp's comparison is false for NaN).
+template <typename V>
+__attribute__((always_inline)) inline V exp_nonpositive(V x) {
+  typedef typename IntOf<V>::type I;
+  const V floor_x = splat<V>(-87.0f);
   x = x < floor_x ? floor_x : x;
-  const i32x8 n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, i32x8);  // round(x / ln2)
-  const f32x8 fn = __builtin_convertvector(n, f32x8);
-  const f32x8 r = (x - fn * 0.693359375f) - fn * -2.12194440e-4f;  // ln2 split in two parts
-  f32x8 p = splat(1.9875691500e-4f);
+  const I n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, I);  // round(x / ln2)
+  const V fn = __builtin_convertvector(n, V);
+  const V r = (x - fn * 0.693359375f) - fn * -2.12194440e-4f;  // ln2 split in two parts
+  V p = splat<V>(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const i32x8 two_n = (n + 127) << 23;  // the bits of 2^n, n >= -126
-  return p * (f32x8)two_n;  // a vector cast reinterprets the bits
+  const I two_n = (n + 127) << 23;  // the bits of 2^n, n >= -126
+  return p * (V)two_n;  // a vector cast reinterprets the bits
 }
 
 }  // namespace simd

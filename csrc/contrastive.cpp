@@ -58,89 +58,37 @@ constexpr double kMinFastSum = 1e-25;
 constexpr double kMaxFastSpan = 50.0;
 constexpr int64_t kModeAuto = 0, kModeExact = 1, kModeFast = 2;
 
-// AVX-512 / AVX2 / baseline clones chosen at load time: GCC >= 12 (x86-64-vN names in target_clones)
-// with glibc (ifunc). Elsewhere (clang, aarch64, older GCC) the same code compiles for the baseline ISA.
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__GLIBC__)
-#define CLIPFORGE_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define CLIPFORGE_MULTIVERSION
-#endif
-// The fast path is written with GCC/Clang vector extensions; other compilers use the exact path only.
-#if defined(__GNUC__)
-constexpr bool kHaveFastPath = true;
-#pragma GCC diagnostic ignored "-Wpsabi"  // the vector helpers are internal and always inlined
-#else
-constexpr bool kHaveFastPath = false;
-#endif
+// The fast path is written with clipforge.h's SIMD helpers (GCC/Clang vector extensions, AVX-512 / AVX2 /
+// baseline clones chosen at load time); other compilers use the exact path only.
+constexpr bool kHaveFastPath = CLIPFORGE_HAVE_SIMD;
 
-#if defined(__GNUC__)
-// 16 floats as one value: GCC/Clang vector extensions, so each target clone below compiles the same
-// code to its own ISA (one zmm on AVX-512, two ymm on AVX2, four xmm otherwise).
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
-constexpr int64_t kLanes = 16;
-
-__attribute__((always_inline)) inline f32x16 load16(const float* p) {
-  f32x16 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-__attribute__((always_inline)) inline void store16(float* p, f32x16 v) { std::memcpy(p, &v, sizeof v); }
-__attribute__((always_inline)) inline f32x16 splat(float x) { return f32x16{} + x; }
-// The first `count` lanes from p, the rest `fill`.
-__attribute__((always_inline)) inline f32x16 load_tail(const float* p, int64_t count, float fill) {
-  float tmp[kLanes];
-  for (int64_t k = 0; k < kLanes; ++k) tmp[k] = k < count ? p[k] : fill;
-  return load16(tmp);
-}
-
-// exp(x) lane-wise for x <= ~0.3 (the callers pass logit - reference <= 0), relative error ~2 ulp
-// (Cephes' expf polynomial after x = n ln2 + r); x below -87 is clamped there (~1.6e-38, never a
-// denormal); NaN propagates (the clamp's comparison is false for NaN).
-__attribute__((always_inline)) inline f32x16 exp_nonpositive(f32x16 x) {
-  const f32x16 floor_x = splat(-87.0f);
-  x = x < floor_x ? floor_x : x;
-  const i32x16 n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, i32x16);  // round(x / ln2)
-  const f32x16 fn = __builtin_convertvector(n, f32x16);
-  const f32x16 r = (x - fn * 0.693359375f) - fn * -2.12194440e-4f;  // ln2 split in two parts
-  f32x16 p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const i32x16 two_n = (n + 127) << 23;  // the bits of 2^n, n >= -126
-  return p * (f32x16)two_n;  // a vector cast reinterprets the bits
-}
-
-__attribute__((always_inline)) inline float hsum(f32x16 v) {
-  float t = 0.0f;
-  for (int64_t k = 0; k < kLanes; ++k) t += v[k];
-  return t;
-}
+#if CLIPFORGE_HAVE_SIMD
+// 16 floats as one value: each target clone below compiles the same code to its own ISA (one zmm on
+// AVX-512, two ymm on AVX2, four xmm otherwise).
+using namespace simd;
+constexpr int64_t kLanes = lanes<f32x16>;
 
 // One slice of `rows` logit rows (row stride m): returns the slice max M; row_sum[i] = sum_j
 // exp(l_ij - M) (float64), col_part[j] += sum_i exp(l_ij - M) (float32, 16 rows at most).
-CLIPFORGE_MULTIVERSION
+CLIPFORGE_SIMD_CLONES
 float forward_slice_f32(const float* logits, int64_t rows, int64_t m, double* row_sum, float* col_part) {
   const int64_t full = m - m % kLanes, tail = m - full;
   const float neg_inf = -std::numeric_limits<float>::infinity();
-  f32x16 vmax = splat(neg_inf);
+  f32x16 vmax = splat<f32x16>(neg_inf);
   for (int64_t i = 0; i < rows; ++i) {
     const float* l = logits + i * m;
     for (int64_t j = 0; j < full; j += kLanes) {
-      const f32x16 x = load16(l + j);
+      const f32x16 x = load<f32x16>(l + j);
       vmax = x > vmax ? x : vmax;
     }
     if (tail) {
-      const f32x16 x = load_tail(l + full, tail, neg_inf);
+      const f32x16 x = load_tail<f32x16>(l + full, tail, neg_inf);
       vmax = x > vmax ? x : vmax;
     }
   }
   float mx = neg_inf;
   for (int64_t k = 0; k < kLanes; ++k) mx = std::max(mx, vmax[k]);
-  const f32x16 vm = splat(mx);
+  const f32x16 vm = splat<f32x16>(mx);
   for (int64_t i = 0; i < rows; ++i) {
     const float* l = logits + i * m;
     double total = 0.0;
@@ -148,14 +96,14 @@ float forward_slice_f32(const float* logits, int64_t rows, int64_t m, double* ro
       const int64_t j1 = std::min(full, j0 + 1024);
       f32x16 acc = f32x16{};
       for (int64_t j = j0; j < j1; j += kLanes) {
-        const f32x16 e = exp_nonpositive(load16(l + j) - vm);
+        const f32x16 e = exp_nonpositive(load<f32x16>(l + j) - vm);
         acc += e;
-        store16(col_part + j, load16(col_part + j) + e);
+        store(col_part + j, load<f32x16>(col_part + j) + e);
       }
       total += hsum(acc);
     }
     if (tail) {
-      const f32x16 e = exp_nonpositive(load_tail(l + full, tail, neg_inf) - vm);  // exp(-inf) lanes: ~1e-38
+      const f32x16 e = exp_nonpositive(load_tail<f32x16>(l + full, tail, neg_inf) - vm);  // exp(-inf): ~1e-38
       for (int64_t k = 0; k < tail; ++k) {
         total += e[k];
         col_part[full + k] += e[k];
@@ -167,18 +115,19 @@ float forward_slice_f32(const float* logits, int64_t rows, int64_t m, double* ro
 }
 
 // In place: p_ij = exp(l_ij - R) * (u_i + v_j), u_i = exp(R - r_i), v_j = exp(R - c_j).
-CLIPFORGE_MULTIVERSION
+CLIPFORGE_SIMD_CLONES
 void backward_slice_f32(float* p, int64_t rows, int64_t m, float R, const float* u, const float* v) {
   const int64_t full = m - m % kLanes, tail = m - full;
-  const f32x16 vr = splat(R);
+  const f32x16 vr = splat<f32x16>(R);
   for (int64_t i = 0; i < rows; ++i) {
     float* l = p + i * m;
-    const f32x16 ui = splat(u[i]);
+    const f32x16 ui = splat<f32x16>(u[i]);
     for (int64_t j = 0; j < full; j += kLanes) {
-      store16(l + j, exp_nonpositive(load16(l + j) - vr) * (ui + load16(v + j)));
+      store(l + j, exp_nonpositive(load<f32x16>(l + j) - vr) * (ui + load<f32x16>(v + j)));
     }
     if (tail) {
-      const f32x16 e = exp_nonpositive(load_tail(l + full, tail, 0.0f) - vr) * (ui + load_tail(v + full, tail, 0.0f));
+      const f32x16 e = exp_nonpositive(load_tail<f32x16>(l + full, tail, 0.0f) - vr) *
+                       (ui + load_tail<f32x16>(v + full, tail, 0.0f));
       for (int64_t k = 0; k < tail; ++k) l[full + k] = e[k];
     }
   }
@@ -199,23 +148,6 @@ double row_lse_exact(const float* l, int64_t m) {
   double total = 0.0;
   for (int64_t j = 0; j < m; ++j) total += std::exp(static_cast<double>(l[j]) - mx);
   return mx + std::log(total);
-}
-
-void check_features(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), "clipforge._C: ", name, " must be a CPU tensor, got one on ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "clipforge._C: ", name,
-              " must be float32 or float64, got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == 2, "clipforge._C: ", name, " must be 2-D (rows, dim), got shape ", t.sizes());
-  TORCH_CHECK(t.is_contiguous(), "clipforge._C: ", name, " must be contiguous (call .contiguous())");
-}
-
-void check_pair(const at::Tensor& a, const at::Tensor& b, const char* na, const char* nb) {
-  check_features(a, na);
-  check_features(b, nb);
-  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "clipforge._C: ", na, " and ", nb,
-              " must have the same dtype, got ", a.scalar_type(), " and ", b.scalar_type());
-  TORCH_CHECK(a.size(1) == b.size(1), "clipforge._C: ", na, " and ", nb,
-              " must have the same feature dimension, got ", a.size(1), " and ", b.size(1));
 }
 
 void check_stat(const at::Tensor& t, const char* name, int64_t length, at::ScalarType dtype) {
@@ -325,7 +257,7 @@ bool forward_chunk_fast(const at::Tensor& logits, double* row_lse, double* chunk
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_forward(
     const at::Tensor& image, const at::Tensor& text, double scale, int64_t chunk_size, int64_t mode) {
-  check_pair(image, text, "image", "text");
+  check_loss_pair(image, text, "image", "text");
   check_mode(mode);
   TORCH_CHECK(std::isfinite(scale), "clipforge._C: logit scale must be finite, got ", scale);
   at::NoGradGuard no_grad;
@@ -411,7 +343,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_forward(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_backward(
     const at::Tensor& image, const at::Tensor& text, double scale, const at::Tensor& row_lse,
     const at::Tensor& col_lse, int64_t row_offset, double coef, int64_t chunk_size, int64_t mode) {
-  check_pair(image, text, "image", "text");
+  check_loss_pair(image, text, "image", "text");
   check_mode(mode);
   const int64_t n = image.size(0), m = text.size(0);
   check_stat(row_lse, "row_lse", n, at::kDouble);

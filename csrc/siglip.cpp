@@ -14,7 +14,7 @@
 // gradient. Memory: one chunk of dot products (~16 MiB) plus O((n + m) d).
 //
 // Elementwise work, float32: one pass per logit, vectorised with GCC/Clang vector extensions
-// (clipforge.h's 8-lane SIMD helpers; AVX-512 / AVX2 clones chosen at load time), one exp per logit:
+// (clipforge.h's SIMD helpers at 8 lanes; AVX-512 / AVX2 clones chosen at load time), one exp per logit:
 //   softplus(x) = max(x, 0) + log1p(u), u = exp(-|x|), log1p(u) = 2 atanh(u / (2 + u)) as its odd series
 //     (u in (0, 1]: q = u / (2 + u) <= 1/3, eight terms leave < 2e-9 relative; log(1 + u) would lose the
 //     digits of small u, which is every well-separated negative at b = -10);
@@ -95,6 +95,7 @@ RowSums both_row_scalar(T* l, int64_t m, T t, T b, int64_t jp) {
 
 #if CLIPFORGE_HAVE_SIMD
 using namespace simd;
+constexpr int64_t kLanes = lanes<f32x8>;  // clipforge.h: 8 lanes for softplus's polynomial
 
 // softplus(x) from u = exp(-|x|) (shared with sigmoid8 in the fused pass).
 __attribute__((always_inline)) inline f32x8 softplus8(f32x8 x, f32x8 u) {
@@ -107,11 +108,11 @@ __attribute__((always_inline)) inline f32x8 softplus8(f32x8 x, f32x8 u) {
   p = p * q2 + (1.0f / 5.0f);
   p = p * q2 + (1.0f / 3.0f);
   p = p * q2 + 1.0f;
-  const f32x8 pos = x > 0.0f ? x : splat(0.0f);  // NaN: 0 here, NaN from u below
+  const f32x8 pos = x > 0.0f ? x : splat<f32x8>(0.0f);  // NaN: 0 here, NaN from u below
   return pos + 2.0f * q * p;
 }
 
-__attribute__((always_inline)) inline f32x8 softplus8(f32x8 x) { return softplus8(x, exp_nonpositive(-abs8(x))); }
+__attribute__((always_inline)) inline f32x8 softplus8(f32x8 x) { return softplus8(x, exp_nonpositive(-vabs(x))); }
 
 // sigmoid(x) from u = exp(-|x|).
 __attribute__((always_inline)) inline f32x8 sigmoid8(f32x8 x, f32x8 u) {
@@ -136,12 +137,12 @@ double forward_row_f32(const float* l, int64_t m, float t, float b, int64_t jp) 
     const int64_t j1 = std::min(full, j0 + 1024);
     f32x8 acc = f32x8{};
     for (int64_t j = j0; j < j1; j += kLanes) {
-      acc += softplus8(flip_pair(load8(l + j) * t + b, j, jp));
+      acc += softplus8(flip_pair(load<f32x8>(l + j) * t + b, j, jp));
     }
     total += hsum(acc);
   }
   if (tail) {
-    const f32x8 v = softplus8(flip_pair(load_tail(l + full, tail, 0.0f) * t + b, full, jp));
+    const f32x8 v = softplus8(flip_pair(load_tail<f32x8>(l + full, tail, 0.0f) * t + b, full, jp));
     for (int64_t k = 0; k < tail; ++k) total += v[k];
   }
   return total;
@@ -155,7 +156,7 @@ struct Sums8 {
 
 __attribute__((always_inline)) inline f32x8 both8(f32x8 raw, float t, float b, int64_t j, int64_t jp, Sums8& acc) {
   const f32x8 x = flip_pair(raw * t + b, j, jp);
-  const f32x8 u = exp_nonpositive(-abs8(x));
+  const f32x8 u = exp_nonpositive(-vabs(x));
   acc.loss += softplus8(x, u);
   const f32x8 g = flip_pair(sigmoid8(x, u), j, jp);
   acc.g += g;
@@ -170,14 +171,14 @@ RowSums both_row_f32(float* l, int64_t m, float t, float b, int64_t jp) {
   for (int64_t j0 = 0; j0 < full; j0 += 1024) {  // float partial sums of <= 1024 terms, added in float64
     const int64_t j1 = std::min(full, j0 + 1024);
     Sums8 acc;
-    for (int64_t j = j0; j < j1; j += kLanes) store8(l + j, both8(load8(l + j), t, b, j, jp, acc));
+    for (int64_t j = j0; j < j1; j += kLanes) store(l + j, both8(load<f32x8>(l + j), t, b, j, jp, acc));
     sums.loss += hsum(acc.loss);
     sums.g += hsum(acc.g);
     sums.gl += hsum(acc.gl);
   }
   if (tail) {
     Sums8 acc;
-    const f32x8 g = both8(load_tail(l + full, tail, 0.0f), t, b, full, jp, acc);
+    const f32x8 g = both8(load_tail<f32x8>(l + full, tail, 0.0f), t, b, full, jp, acc);
     for (int64_t k = 0; k < tail; ++k) {  // only the row's lanes
       l[full + k] = g[k];
       sums.loss += acc.loss[k];

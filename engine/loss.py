@@ -49,10 +49,11 @@ def _world(group) -> tuple[int, int]:
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)  # codes of the cross-rank check
 
 
-def _check_ranks_agree(features: torch.Tensor, backend: str, group) -> None:
+def _check_ranks_agree(features: torch.Tensor, backend: str, group, op: str = "contrastive_loss") -> None:
     """One all_gather of (local batch, feature dim, dtype, collective pattern) before the loss's own
     collectives: ranks that disagree all raise a ValueError naming them and their values, instead of
-    mismatched collectives (gloo aborts the process; buffers of equal bytes would silently mix)."""
+    mismatched collectives (gloo aborts the process; buffers of equal bytes would silently mix).
+    `op`: the loss's name in clipforge, for the sentence."""
     world, _ = _world(group)
     code = _DTYPES.index(features.dtype) if features.dtype in _DTYPES else len(_DTYPES)
     mine = torch.tensor([features.shape[0], features.shape[1], code, backend == "torch"], dtype=torch.long,
@@ -77,7 +78,7 @@ def _check_ranks_agree(features: torch.Tensor, backend: str, group) -> None:
     seen = "; ".join(f"{show(row)} on rank{'s' * (len(rs) > 1)} {', '.join(map(str, rs))}" for row, rs in ranks.items())
     hint = ("drop or pad the last partial batch so every rank holds as many pairs" if what == ["local batch sizes"]
             else "every rank must run the same model, precision and loss backend (the same run config)")
-    raise ValueError(f"clipforge.contrastive_loss needs the same local batch size, feature dim, dtype and backend on "
+    raise ValueError(f"clipforge.{op} needs the same local batch size, feature dim, dtype and backend on "
                      f"every rank, but their {' and '.join(what)} differ: {seen}; {hint}")
 
 
@@ -351,18 +352,21 @@ def _torch_loss(image, text, scale, group):
     return reference.contrastive_loss(image, text, scale)
 
 
-def _backend(image_features, text_features, backend: str, chunk_size, group) -> str:
-    """Check the arguments of a loss call (across the group's ranks too) and resolve its backend."""
+def _backend(image_features, text_features, backend: str, chunk_size, group, *, select=None,
+             op: str = "contrastive_loss", title: str = "contrastive loss") -> str:
+    """Check the arguments of a loss call (across the group's ranks too) and resolve its backend.
+    Both losses' check: `select` resolves the backend (None: ops.select_contrastive_backend), `op` and
+    `title` name the loss in the sentences (engine/siglip_loss.py passes its own)."""
     if image_features.dim() != 2 or image_features.shape != text_features.shape:
         raise ValueError(f"image and text features must both be (batch, dim) with the same shape, got "
                          f"{tuple(image_features.shape)} and {tuple(text_features.shape)}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of rows (or None), got {chunk_size}")
-    name = ops.select_contrastive_backend(image_features.device, backend, dtype=image_features.dtype)
+    name = (select or ops.select_contrastive_backend)(image_features.device, backend, dtype=image_features.dtype)
     if _world(group)[0] > 1:
-        _check_ranks_agree(image_features, name, group)  # first: one rank's empty batch fails every rank
+        _check_ranks_agree(image_features, name, group, op)  # first: one rank's empty batch fails every rank
     if image_features.shape[0] == 0:
-        raise ValueError("the contrastive loss needs at least one (image, text) pair, got an empty batch")
+        raise ValueError(f"the {title} needs at least one (image, text) pair, got an empty batch")
     return name
 
 

@@ -38,6 +38,7 @@ never at import (importing clipforge must work on a machine without a GPU or dri
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import warnings
 
@@ -154,25 +155,23 @@ def contrastive_kernels(backend: str):
     """The module that computes a resolved contrastive backend's forward statistics and backward:
     clipforge._C for "cpp", kernels.contrastive for "triton", None for "chunked" / "torch" (loss.py's
     own PyTorch code)."""
-    if backend == "cpp":
-        return cpp_extension()
-    if backend == "triton":
-        from .kernels import contrastive
-
-        return contrastive
-    return None
+    return _loss_kernels(backend, cpp_extension, "contrastive")
 
 
 def siglip_kernels(backend: str):
     """The module of a resolved SigLIP backend: clipforge._C for "cpp" (siglip_forward and
     siglip_forward_backward), kernels.siglip for "triton", None for "chunked" / "torch" (siglip_loss.py's
     own PyTorch code)."""
-    if backend == "cpp":
-        return _cpp_siglip()
-    if backend == "triton":
-        from .kernels import siglip
+    return _loss_kernels(backend, _cpp_siglip, "siglip")
 
-        return siglip
+
+def _loss_kernels(backend: str, cpp, kernels: str):
+    """Both losses' rule: cpp() (the extension, or None) for "cpp", the module kernels.<kernels> for
+    "triton" (imported on first use: `import clipforge` loads no Triton), None otherwise."""
+    if backend == "cpp":
+        return cpp()
+    if backend == "triton":
+        return importlib.import_module(f"{__package__}.kernels.{kernels}")
     return None
 
 

@@ -64,8 +64,8 @@ from torch.autograd.function import once_differentiable
 
 from . import ops, reference
 from .loss import (
-    _Impl, _accumulation_dtype, _all_gather_rows, _check_ranks_agree, _chunked_backward, _mm, _reduce_scatter_rows,
-    _world,
+    _Impl, _accumulation_dtype, _all_gather_rows, _backend as _loss_backend, _chunked_backward, _mm,
+    _reduce_scatter_rows, _world,
 )
 
 __all__ = ["SigLipLoss", "siglip_loss", "siglip_loss_and_grads"]
@@ -240,21 +240,10 @@ def _torch_loss(image, text, scale, bias, group):
 
 
 def _backend(image_features, text_features, backend: str, chunk_size, group) -> str:
-    """Check the arguments of a loss call (across the group's ranks too) and resolve its backend."""
-    if image_features.dim() != 2 or image_features.shape != text_features.shape:
-        raise ValueError(f"image and text features must both be (batch, dim) with the same shape, got "
-                         f"{tuple(image_features.shape)} and {tuple(text_features.shape)}")
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive number of rows (or None), got {chunk_size}")
-    name = ops.select_siglip_backend(image_features.device, backend, dtype=image_features.dtype)
-    if _world(group)[0] > 1:  # first: one rank's empty batch fails every rank
-        try:
-            _check_ranks_agree(image_features, name, group)
-        except ValueError as exc:  # engine/loss.py's check, whose sentence names the softmax loss
-            raise ValueError(str(exc).replace("contrastive_loss", "siglip_loss")) from None
-    if image_features.shape[0] == 0:
-        raise ValueError("the SigLIP loss needs at least one (image, text) pair, got an empty batch")
-    return name
+    """Check the arguments of a loss call (across the group's ranks too) and resolve its backend:
+    engine/loss.py's check, with this loss's backend rule and name."""
+    return _loss_backend(image_features, text_features, backend, chunk_size, group,
+                         select=ops.select_siglip_backend, op="siglip_loss", title="SigLIP loss")
 
 
 def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, logit_bias, *,

@@ -168,20 +168,37 @@ def loss_tiles(dtype: torch.dtype) -> TileConfig:
     return TileConfig(128, 128, num_warps=8, num_stages=3, block_k=64)
 
 
-def _check(image: torch.Tensor, text: torch.Tensor) -> None:
-    check_kernel_device(_contrastive_fwd_kernel, image, "contrastive loss", "chunked")
+def check_loss_features(image: torch.Tensor, text: torch.Tensor, op: str) -> None:
+    """The dtype and layout boundary of both losses' host entry points (kernels.siglip's too), after
+    their own device check; `op` ("contrastive loss", "SigLIP loss") names the loss in the sentences."""
     if image.dtype not in _SUPPORTED or text.dtype != image.dtype:
-        raise TypeError(f"the Triton contrastive loss takes float16/bfloat16 (or, forced, float32) features of one "
+        raise TypeError(f"the Triton {op} takes float16/bfloat16 (or, forced, float32) features of one "
                         f"dtype, got {image.dtype} and {text.dtype}; float64 runs on the 'chunked' or 'cpp' backend")
     if image.dim() != 2 or text.dim() != 2 or image.shape[1] != text.shape[1]:
         raise ValueError(f"image and text features must be (rows, dim) with the same dim, got "
                          f"{tuple(image.shape)} and {tuple(text.shape)}")
     if image.stride(1) != 1 or text.stride(1) != 1:
-        raise ValueError("the Triton contrastive loss needs features with contiguous rows (stride 1 along dim)")
+        raise ValueError(f"the Triton {op} needs features with contiguous rows (stride 1 along dim)")
 
 
-def _flags(kernel, dtype):
-    return kernel_flags(kernel, dtype, fp32_precision="tf32x3")
+def check_tile_buffer(out: torch.Tensor, n: int, m: int) -> None:
+    """The (n, m) work buffer a tile kernel writes (P here, G in kernels.siglip): contiguous rows."""
+    if out.shape != (n, m) or out.stride(1) != 1:
+        raise ValueError(f"out must be a ({n}, {m}) buffer with contiguous rows, got {tuple(out.shape)}")
+
+
+def launch_options(t: TileConfig, dim: int, kernel, dtype: torch.dtype) -> dict:
+    """The constexprs and launch options of every loss kernel (both losses) for tiles `t` at feature dim
+    `dim`: 3xTF32 dots for (forced) fp32 features."""
+    return dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, EVEN_K=dim % t.block_k == 0,
+                num_warps=t.num_warps, num_stages=t.num_stages,
+                **kernel_flags(kernel, dtype, fp32_precision="tf32x3"))
+
+
+def _check(image: torch.Tensor, text: torch.Tensor) -> None:
+    # the device check stays in each op module: benchmarks/compile_gate.py stands in for it there
+    check_kernel_device(_contrastive_fwd_kernel, image, "contrastive loss", "chunked")
+    check_loss_features(image, text, "contrastive loss")
 
 
 def _column_splits(row_blocks: int, n_cols: int, block_n: int, sms: int) -> tuple[int, int]:
@@ -209,7 +226,7 @@ def _contrastive_forward(image: torch.Tensor, text: torch.Tensor, scale: float):
     if n == 0 or m == 0:
         return row_lse, col_max, col_sum
     t = loss_tiles(image.dtype)
-    flags = _flags(_contrastive_fwd_kernel, image.dtype)
+    options = launch_options(t, dim, _contrastive_fwd_kernel, image.dtype)
     sms = multiprocessor_count(dev)
     # row chunks keep the column partials (8 bytes x m per row block) within WORK_BYTES
     chunk = max(t.block_m, WORK_BYTES // (8 * m) * t.block_m)
@@ -226,9 +243,7 @@ def _contrastive_forward(image: torch.Tensor, text: torch.Tensor, scale: float):
             part_rmax, part_rsum, part_rmax.stride(0),
             part_cmax, part_csum, part_cmax.stride(0),
             rows, rows.stride(0), rows.stride(1), text, text.stride(0), text.stride(1),
-            nr, m, dim, cols_per_split, float(scale),
-            BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, EVEN_K=dim % t.block_k == 0,
-            num_warps=t.num_warps, num_stages=t.num_stages, **flags,
+            nr, m, dim, cols_per_split, float(scale), **options,
         )
         # Merge partials in place, each term rescaled to its max (a factor <= 1), so the fp32 sums keep
         # fp32's relative precision; only the (n + m)-long results go to float64.
@@ -257,8 +272,7 @@ def _contrastive_probabilities(image, text, scale: float, row_hi, row_lo, col_hi
     _check(image, text)
     n, dim = image.shape
     m = text.shape[0]
-    if out.shape != (n, m) or out.stride(1) != 1:
-        raise ValueError(f"out must be a ({n}, {m}) buffer with contiguous rows, got {tuple(out.shape)}")
+    check_tile_buffer(out, n, m)
     if n == 0 or m == 0:
         return out
     t = loss_tiles(image.dtype)
@@ -266,9 +280,7 @@ def _contrastive_probabilities(image, text, scale: float, row_hi, row_lo, col_hi
         out, out.stride(0), out.stride(1),
         image, image.stride(0), image.stride(1), text, text.stride(0), text.stride(1),
         row_hi, row_lo, col_hi, col_lo,
-        n, m, dim, int(diag_offset), float(scale),
-        BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, EVEN_K=dim % t.block_k == 0,
-        num_warps=t.num_warps, num_stages=t.num_stages, **_flags(_contrastive_probs_kernel, image.dtype),
+        n, m, dim, int(diag_offset), float(scale), **launch_options(t, dim, _contrastive_probs_kernel, image.dtype),
     )
     return out
 

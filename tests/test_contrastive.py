@@ -12,11 +12,11 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import clipforge
 from clipforge import ops, reference
 from clipforge.loss import ContrastiveLoss
+from conftest import assert_close, assert_within_twice, count_tl_dots, loss_and_grads, loss_features
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -26,37 +26,10 @@ SMALL_N = (1, 2, 7, 64, 129)
 SCALES = (1.0, 14.3, 100.0)
 
 
-def _features(n, d, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed * 7919 + n * 31 + d)
-    img = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
-    txt = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
-    # positives a bit more similar than chance (cosine ~ 2.5 / sqrt(d) against ~1 / sqrt(d)), so the loss
-    # stays O(1) at every scale: a loss near 0 would only measure fp32 cancellation, not the kernels
-    txt = F.normalize(txt + (2.5 / math.sqrt(d)) * img, dim=1)
-    return img.to(dtype), txt.to(dtype)
-
-
-def _loss_and_grads(fn, img, txt, scale):
-    img = img.clone().requires_grad_(True)
-    txt = txt.clone().requires_grad_(True)
-    s = torch.tensor(scale, dtype=img.dtype if img.dtype == torch.float64 else torch.float32, requires_grad=True)
-    loss = fn(img, txt, s)
-    loss.backward()
-    return loss.detach().double(), img.grad.double(), txt.grad.double(), s.grad.double()
-
-
 def _assert_close(got, want, rtol, what, floor=1e-6):
-    """Norm-wise relative error <= rtol. `floor`: the size of the terms that cancel when the true value
-    is 0 (N = 1: loss and gradients are exactly 0, sums of O(scale) terms), compared absolutely."""
-    names = ("loss", "d_image", "d_text", "d_scale")
-    for name, a, b in zip(names, got, want):
-        err = (a - b).norm().item()
-        ref = b.norm().item()
-        bound = rtol * max(ref, floor)
-        if not err <= bound:
-            idx = (a - b).abs().argmax()
-            pytest.fail(f"{what}: {name} relative error {err / max(ref, 1e-30):.3e} > {rtol:.0e}; worst element "
-                        f"#{int(idx)}: got {a.flatten()[idx].item():.9g}, want {b.flatten()[idx].item():.9g}")
+    """conftest.assert_close with reference norms below `floor` compared absolutely: N = 1, where loss and
+    gradients are exactly 0, sums of O(scale) terms (see _floor)."""
+    assert_close(got, want, rtol, what, floor)
 
 
 def _floor(n, scale):
@@ -71,9 +44,9 @@ def _clip_loss(img, txt, s):
 @pytest.mark.parametrize("n", SMALL_N)
 @pytest.mark.parametrize("backend", ["torch", "triton", "chunked"])  # triton: under the interpreter (conftest.py)
 def test_backend_matches_openclip(backend, n, scale):
-    img, txt = _features(n, 16)
-    want = _loss_and_grads(_clip_loss, img, txt, scale)
-    got = _loss_and_grads(lambda i, t, s: clipforge.contrastive_loss(i, t, s, backend=backend), img, txt, scale)
+    img, txt = loss_features(n, 16)
+    want = loss_and_grads(_clip_loss, img, txt, scale)
+    got = loss_and_grads(lambda i, t, s: clipforge.contrastive_loss(i, t, s, backend=backend), img, txt, scale)
     _assert_close(got, want, 1e-5, f"{backend} n={n} scale={scale}", _floor(n, scale))
 
 
@@ -82,9 +55,9 @@ def test_backend_matches_openclip(backend, n, scale):
 @pytest.mark.parametrize("scale", SCALES)
 @pytest.mark.parametrize("n", SMALL_N)
 def test_cpp_backend_matches_openclip_small(n, scale, chunk):
-    img, txt = _features(n, 16)
-    want = _loss_and_grads(_clip_loss, img, txt, scale)
-    got = _loss_and_grads(
+    img, txt = loss_features(n, 16)
+    want = loss_and_grads(_clip_loss, img, txt, scale)
+    got = loss_and_grads(
         lambda i, t, s: clipforge.contrastive_loss(i, t, s, backend="cpp", chunk_size=chunk), img, txt, scale)
     _assert_close(got, want, 1e-5, f"cpp n={n} scale={scale} chunk={chunk}", _floor(n, scale))
 
@@ -95,9 +68,9 @@ def test_cpp_backend_matches_openclip_small(n, scale, chunk):
     [(1000, 512, 64, 100.0), (1000, 512, 333, 14.3), (1000, 16, None, 1.0), (129, 512, 8, 100.0), (7, 512, 1, 14.3)],
 )
 def test_cpp_backend_matches_openclip_large(n, d, chunk, scale):
-    img, txt = _features(n, d)
-    want = _loss_and_grads(_clip_loss, img, txt, scale)
-    got = _loss_and_grads(
+    img, txt = loss_features(n, d)
+    want = loss_and_grads(_clip_loss, img, txt, scale)
+    got = loss_and_grads(
         lambda i, t, s: clipforge.contrastive_loss(i, t, s, backend="cpp", chunk_size=chunk), img, txt, scale)
     _assert_close(got, want, 1e-5, f"cpp n={n} d={d} scale={scale} chunk={chunk}")
 
@@ -105,18 +78,18 @@ def test_cpp_backend_matches_openclip_large(n, d, chunk, scale):
 @pytest.mark.parametrize("backend", ["torch", pytest.param("cpp", marks=needs_cpp)])
 def test_large_batch_torch_and_cpp_against_float64(backend):
     # N = 1000, d = 512 against the float64 truth (ClipLoss in fp32 has its own error)
-    img, txt = _features(1000, 512, seed=3)
-    want = _loss_and_grads(reference.contrastive_loss, img.double(), txt.double(), 100.0)
-    got = _loss_and_grads(lambda i, t, s: clipforge.contrastive_loss(i, t, s, backend=backend), img, txt, 100.0)
+    img, txt = loss_features(1000, 512, seed=3)
+    want = loss_and_grads(reference.contrastive_loss, img.double(), txt.double(), 100.0)
+    got = loss_and_grads(lambda i, t, s: clipforge.contrastive_loss(i, t, s, backend=backend), img, txt, 100.0)
     _assert_close(got, want, 1e-5, f"{backend} vs float64")
 
 
 @pytest.mark.parametrize("backend, chunk", [pytest.param("cpp", c, marks=needs_cpp) for c in (1, 8, 5)]
                          + [("chunked", None), ("chunked", 5)])
 def test_float64_is_exact(backend, chunk):
-    img, txt = _features(37, 24, dtype=torch.float64)
-    want = _loss_and_grads(reference.contrastive_loss, img, txt, 14.3)
-    got = _loss_and_grads(
+    img, txt = loss_features(37, 24, dtype=torch.float64)
+    want = loss_and_grads(reference.contrastive_loss, img, txt, 14.3)
+    got = loss_and_grads(
         lambda i, t, s: clipforge.contrastive_loss(i, t, s, backend=backend, chunk_size=chunk), img, txt, 14.3)
     _assert_close(got, want, 1e-12, f"{backend} float64 chunk={chunk}")
 
@@ -133,12 +106,12 @@ def test_row_chunked_backends_match_openclip_and_float64(backend, n, d, chunk):
     # the GPU algorithm (fused forward statistics over split columns, probabilities per row chunk, two
     # GEMMs per chunk) on odd shapes: 300 / 1000 rows are several 128-row blocks and, with 4 "SMs" under
     # the interpreter, several column splits; d = 200 is not a multiple of BLOCK_K (masked K loop)
-    img, txt = _features(n, d)
+    img, txt = loss_features(n, d)
     chunk_size = None if chunk == "auto" else _uneven(n)
     fn = lambda i, t, s: clipforge.contrastive_loss(i, t, s, backend=backend, chunk_size=chunk_size)  # noqa: E731
-    got = _loss_and_grads(fn, img, txt, 14.3)
-    _assert_close(got, _loss_and_grads(_clip_loss, img, txt, 14.3), 1e-5, f"{backend} vs ClipLoss", _floor(n, 14.3))
-    want = _loss_and_grads(reference.contrastive_loss, img.double(), txt.double(), 14.3)
+    got = loss_and_grads(fn, img, txt, 14.3)
+    _assert_close(got, loss_and_grads(_clip_loss, img, txt, 14.3), 1e-5, f"{backend} vs ClipLoss", _floor(n, 14.3))
+    want = loss_and_grads(reference.contrastive_loss, img.double(), txt.double(), 14.3)
     _assert_close(got, want, 1e-5, f"{backend} vs float64", _floor(n, 14.3))
 
 
@@ -148,24 +121,17 @@ def test_triton_forward_in_row_chunks(monkeypatch):
     from clipforge.kernels import contrastive as kernel
 
     monkeypatch.setattr(kernel, "WORK_BYTES", 1)
-    img, txt = _features(300, 40)
-    got = _loss_and_grads(lambda i, t, s: clipforge.contrastive_loss(i, t, s, backend="triton"), img, txt, 14.3)
-    _assert_close(got, _loss_and_grads(_clip_loss, img, txt, 14.3), 1e-5, "triton, 128-row forward launches")
+    img, txt = loss_features(300, 40)
+    got = loss_and_grads(lambda i, t, s: clipforge.contrastive_loss(i, t, s, backend="triton"), img, txt, 14.3)
+    _assert_close(got, loss_and_grads(_clip_loss, img, txt, 14.3), 1e-5, "triton, 128-row forward launches")
 
 
 def test_triton_interpreter_d512_multi_block():
     # d = 512: a K loop of 8 steps; 170 rows: 2 row blocks, the second partial
-    img, txt = _features(170, 512)
-    want = _loss_and_grads(_clip_loss, img, txt, 14.3)
-    got = _loss_and_grads(lambda i, t, s: clipforge.contrastive_loss(i, t, s, backend="triton"), img, txt, 14.3)
+    img, txt = loss_features(170, 512)
+    want = loss_and_grads(_clip_loss, img, txt, 14.3)
+    got = loss_and_grads(lambda i, t, s: clipforge.contrastive_loss(i, t, s, backend="triton"), img, txt, 14.3)
     _assert_close(got, want, 1e-5, "triton d=512")
-
-
-def _assert_within_twice(got, own, want, what):
-    for k, name in enumerate(("loss", "d_image", "d_text", "d_scale")):
-        own_err = (own[k] - want[k]).norm().item()
-        err = (got[k] - want[k]).norm().item()
-        assert err <= max(2 * own_err, 1e-6 * want[k].norm().item()), f"{what} {name}: {err:.3e} vs {own_err:.3e}"
 
 
 @pytest.mark.parametrize("backend", ["triton", "chunked"])
@@ -174,11 +140,11 @@ def test_half_precision_within_twice_torch_own_error(backend, dtype):
     # half features, fp32 statistics: compare with the float64 loss of the same (rounded) features.
     # Tolerance: twice PyTorch's own error in that dtype (the reference run in `dtype` on CPU). (The
     # interpreter truncates Triton's fp32 -> bf16 stores where a GPU rounds: pessimistic for triton bf16.)
-    img, txt = _features(170, 40, dtype=dtype)
-    want = _loss_and_grads(reference.contrastive_loss, img.double(), txt.double(), 14.3)
-    torch_half = _loss_and_grads(lambda i, t, s: reference.contrastive_loss(i, t, s.to(dtype)), img, txt, 14.3)
-    got = _loss_and_grads(lambda i, t, s: clipforge.contrastive_loss(i, t, s, backend=backend), img, txt, 14.3)
-    _assert_within_twice(got, torch_half, want, f"{backend} {dtype}")
+    img, txt = loss_features(170, 40, dtype=dtype)
+    want = loss_and_grads(reference.contrastive_loss, img.double(), txt.double(), 14.3)
+    torch_half = loss_and_grads(lambda i, t, s: reference.contrastive_loss(i, t, s.to(dtype)), img, txt, 14.3)
+    got = loss_and_grads(lambda i, t, s: clipforge.contrastive_loss(i, t, s, backend=backend), img, txt, 14.3)
+    assert_within_twice(got, torch_half, want, f"{backend} {dtype}")
     assert got[1].dtype == torch.float64  # (converted by the helper; the raw gradients keep the input dtype)
 
 
@@ -186,17 +152,17 @@ def _autocast_parity(device, dtype, backend, n, d, scale):
     """Ours on `dtype` features (what the trainer hands the loss under precision.dtype) against
     OpenCLIP's ClipLoss under torch.autocast(dtype) on the fp32 features (its mixed-precision
     training), both measured against float64 on the fp32 features."""
-    img, txt = (x.to(device) for x in _features(n, d))
-    want = [x.cpu() for x in _loss_and_grads(reference.contrastive_loss, img.double(), txt.double(), scale)]
+    img, txt = (x.to(device) for x in loss_features(n, d))
+    want = [x.cpu() for x in loss_and_grads(reference.contrastive_loss, img.double(), txt.double(), scale)]
 
     def autocast_clip(i, t, s):
         with torch.autocast(device.type, dtype=dtype):
             return _clip_loss(i, t, s)
 
-    own = [x.cpu() for x in _loss_and_grads(autocast_clip, img, txt, scale)]
+    own = [x.cpu() for x in loss_and_grads(autocast_clip, img, txt, scale)]
     fn = lambda i, t, s: clipforge.contrastive_loss(i.to(dtype), t.to(dtype), s, backend=backend)  # noqa: E731
-    got = [x.cpu() for x in _loss_and_grads(fn, img, txt, scale)]
-    _assert_within_twice(got, own, want, f"{backend} {dtype} vs ClipLoss under autocast")
+    got = [x.cpu() for x in loss_and_grads(fn, img, txt, scale)]
+    assert_within_twice(got, own, want, f"{backend} {dtype} vs ClipLoss under autocast")
 
 
 @pytest.mark.parametrize("backend", ["triton", "chunked"])
@@ -217,21 +183,10 @@ def test_gpu_algorithm_costs_four_gemm_equivalents(backend, d, monkeypatch):
     dots = {"flops": 0}
     if backend == "triton":
         from clipforge.kernels.contrastive import _contrastive_fwd_kernel
-        from clipforge.kernels.utils import is_interpreted
-        from triton.runtime import interpreter
 
-        if not is_interpreted(_contrastive_fwd_kernel):
-            pytest.skip("counts tl.dot under the Triton interpreter")
-        create_dot = interpreter.InterpreterBuilder.create_dot
-
-        def counting_dot(self, a, b, acc, *args):
-            *batch, rows, inner = a.data.shape
-            dots["flops"] += 2 * rows * inner * b.data.shape[-1] * math.prod(batch)
-            return create_dot(self, a, b, acc, *args)
-
-        monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", counting_dot)
+        dots = count_tl_dots(_contrastive_fwd_kernel, monkeypatch)
     n = 384  # three 128-row blocks, three 128-column tiles
-    img, txt = _features(n, d, dtype=torch.float16)
+    img, txt = loss_features(n, d, dtype=torch.float16)
     i, t = img.clone().requires_grad_(True), txt.clone().requires_grad_(True)
     s = torch.tensor(14.3, requires_grad=True)
     with FlopCounterMode(display=False) as counter:
@@ -245,7 +200,7 @@ def test_gpu_algorithm_costs_four_gemm_equivalents(backend, d, monkeypatch):
 
 
 def test_triton_gradients_keep_input_dtype_and_repeat_bit_equal():
-    img, txt = _features(33, 16, dtype=torch.bfloat16)
+    img, txt = loss_features(33, 16, dtype=torch.bfloat16)
     runs = []
     for _ in range(2):
         i = img.clone().requires_grad_(True)
@@ -260,7 +215,7 @@ def test_triton_gradients_keep_input_dtype_and_repeat_bit_equal():
 
 @needs_cpp
 def test_cpp_half_inputs_are_upcast_and_gradients_keep_dtype():
-    img, txt = _features(20, 16, dtype=torch.bfloat16)
+    img, txt = loss_features(20, 16, dtype=torch.bfloat16)
     i = img.clone().requires_grad_(True)
     t = txt.clone().requires_grad_(True)
     loss = clipforge.contrastive_loss(i, t, 14.3, backend="cpp")
@@ -272,7 +227,7 @@ def test_cpp_half_inputs_are_upcast_and_gradients_keep_dtype():
 
 @needs_cpp
 def test_module_float_scale_and_auto_backend():
-    img, txt = _features(50, 16)
+    img, txt = loss_features(50, 16)
     loss_fn = ContrastiveLoss()
     want = _clip_loss(img, txt, torch.tensor(20.0))
     got = loss_fn(img, txt, 20.0)  # a float scale: no gradient for it, same value
@@ -282,7 +237,7 @@ def test_module_float_scale_and_auto_backend():
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("cpp", marks=needs_cpp), "triton", "chunked"])
 def test_bad_inputs_raise_clear_errors(backend):
-    img, txt = _features(8, 16)
+    img, txt = loss_features(8, 16)
     with pytest.raises(ValueError, match="same shape"):
         clipforge.contrastive_loss(img, txt[:7], 1.0, backend=backend)
     with pytest.raises(ValueError, match="empty batch"):
@@ -297,8 +252,8 @@ def test_bad_inputs_raise_clear_errors(backend):
 def test_loss_and_grads_equals_autograd(backend):
     from clipforge.loss import contrastive_loss_and_grads
 
-    img, txt = _features(70, 24)
-    want = _loss_and_grads(lambda i, t, s: clipforge.contrastive_loss(i, t, s, backend=backend), img, txt, 14.3)
+    img, txt = loss_features(70, 24)
+    want = loss_and_grads(lambda i, t, s: clipforge.contrastive_loss(i, t, s, backend=backend), img, txt, 14.3)
     got = contrastive_loss_and_grads(img, txt, torch.tensor(14.3), backend=backend)
     assert got[3].shape == () and got[1].dtype == torch.float32
     _assert_close([x.double() for x in got], want, 1e-6, f"{backend}: loss_and_grads vs autograd")
@@ -309,7 +264,7 @@ def test_loss_and_grads_keeps_half_feature_gradients_out_of_fp16_subnormals():
     # where fp16 has lost its precision; in fp32 they keep the error of the fp16 features themselves
     from clipforge.loss import contrastive_loss_and_grads
 
-    img, txt = _features(8192, 64, dtype=torch.float64)
+    img, txt = loss_features(8192, 64, dtype=torch.float64)
     i, t = img.clone().requires_grad_(True), txt.clone().requires_grad_(True)
     reference.contrastive_loss(i, t, 1.0).backward()
     _, g_img, _, _ = contrastive_loss_and_grads(img.half(), txt.half(), 1.0, backend="chunked")
@@ -370,10 +325,10 @@ def test_work_buffer_is_bounded():
 def test_chunked_backward_accumulates_text_gradient_over_chunks(dtype):
     # several chunks: fp32 operands accumulate with addmm_, half ones through the fp32 product buffer;
     # both must equal the one-chunk result
-    img, txt = _features(300, 24, dtype=dtype)
-    one = _loss_and_grads(lambda i, t, s: clipforge.contrastive_loss(i, t, s, backend="chunked", chunk_size=300),
+    img, txt = loss_features(300, 24, dtype=dtype)
+    one = loss_and_grads(lambda i, t, s: clipforge.contrastive_loss(i, t, s, backend="chunked", chunk_size=300),
                           img, txt, 14.3)
-    many = _loss_and_grads(lambda i, t, s: clipforge.contrastive_loss(i, t, s, backend="chunked", chunk_size=64),
+    many = loss_and_grads(lambda i, t, s: clipforge.contrastive_loss(i, t, s, backend="chunked", chunk_size=64),
                            img, txt, 14.3)
     _assert_close(many, one, 1e-5 if dtype == torch.float32 else 2e-3, f"chunked {dtype}: 5 chunks vs 1")
 
@@ -393,17 +348,17 @@ def test_triton_cuda_matches_openclip_autocast_bf16(backend, n, d):
 def test_cuda_matches_float64(backend, n, d, dtype):
     # GPU twin of the interpreter tests: fp32 to 1e-5 (chunked: cuBLAS fp32; triton, forced: 3xTF32),
     # half precision to twice PyTorch's own error in that dtype (the reference computed in `dtype`)
-    img, txt = _features(n, d, dtype=dtype)
+    img, txt = loss_features(n, d, dtype=dtype)
     img, txt = img.cuda(), txt.cuda()
-    want = [x.cpu() for x in _loss_and_grads(reference.contrastive_loss, img.double(), txt.double(), 100.0)]
-    got = [x.cpu() for x in _loss_and_grads(
+    want = [x.cpu() for x in loss_and_grads(reference.contrastive_loss, img.double(), txt.double(), 100.0)]
+    got = [x.cpu() for x in loss_and_grads(
         lambda i, t, s: clipforge.contrastive_loss(i, t, s, backend=backend), img, txt, 100.0)]
     if dtype == torch.float32:
         _assert_close(got, want, 1e-5, f"{backend} cuda n={n} d={d}")
         return
-    own = [x.cpu() for x in _loss_and_grads(lambda i, t, s: reference.contrastive_loss(i, t, s.to(dtype)),
+    own = [x.cpu() for x in loss_and_grads(lambda i, t, s: reference.contrastive_loss(i, t, s.to(dtype)),
                                             img, txt, 100.0)]
-    _assert_within_twice(got, own, want, f"{backend} cuda {dtype}")
+    assert_within_twice(got, own, want, f"{backend} cuda {dtype}")
 
 
 @pytest.mark.cuda

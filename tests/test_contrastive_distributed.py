@@ -9,11 +9,11 @@ batches must raise the same clear error on every rank.
 The ranks are subprocesses running this file as a script (`python this_file.py RANK WORLD INIT OUT`).
 """
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
+from conftest import finish_rank, global_batch, loss_and_grads, rel, run_ranks
 
 N_LOCAL = 13  # odd, and not a multiple of any chunk or block size used
 DIM = 24
@@ -22,11 +22,7 @@ CHUNK = 4  # cpp / chunked: uneven row chunks of the 13 local rows
 
 
 def _global_batch(world: int):
-    g = torch.Generator().manual_seed(1234 + world)
-    n = N_LOCAL * world
-    img = torch.nn.functional.normalize(torch.randn(n, DIM, generator=g, dtype=torch.float64), dim=1)
-    txt = torch.nn.functional.normalize(torch.randn(n, DIM, generator=g, dtype=torch.float64) + 0.5 * img, dim=1)
-    return img, txt
+    return global_batch(N_LOCAL * world, DIM, seed=1234 + world)
 
 
 def _worker(rank: int, world: int, init_file: str, out_file: str) -> None:
@@ -51,49 +47,18 @@ def _worker(rank: int, world: int, init_file: str, out_file: str) -> None:
         results[backend] = (loss.detach(), i.grad, t.grad, s.grad)
     # unequal local batches: every rank must raise (rank 0 holds one pair fewer)
     n_bad = N_LOCAL - 1 if rank == 0 else N_LOCAL
-    try:
-        clipforge.contrastive_loss(img[:n_bad].float(), txt[:n_bad].float(), SCALE, group=dist.group.WORLD,
-                                   backend="cpp" if "cpp" in backends else "torch")
-        results["unequal"] = None
-    except ValueError as exc:
-        results["unequal"] = str(exc)
-    torch.save(results, out_file)
-    dist.barrier()
-    dist.destroy_process_group()
-
-
-def _run_ranks(world: int, tmp_path):
-    init_file = tmp_path / "init"
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, str(r), str(world), str(init_file), str(tmp_path / f"rank{r}.pt")],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        for r in range(world)
-    ]
-    outputs = [p.communicate(timeout=240)[0] for p in procs]
-    for r, p in enumerate(procs):
-        assert p.returncode == 0, f"rank {r} failed:\n{outputs[r]}"
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
-
-
-def _rel(a, b):
-    return ((a.double() - b).norm() / b.norm().clamp_min(1e-12)).item()
+    finish_rank(results, out_file, lambda: clipforge.contrastive_loss(
+        img[:n_bad].float(), txt[:n_bad].float(), SCALE, group=dist.group.WORLD,
+        backend="cpp" if "cpp" in backends else "torch"))
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_distributed_loss_equals_single_process(world, tmp_path):
     from clipforge import reference
 
-    img, txt = _global_batch(world)
-    i = img.clone().requires_grad_(True)
-    t = txt.clone().requires_grad_(True)
-    s = torch.tensor(SCALE, dtype=torch.float64, requires_grad=True)
-    want = reference.contrastive_loss(i, t, s)
-    want.backward()
+    want, want_img, want_txt, want_scale = loss_and_grads(reference.contrastive_loss, *_global_batch(world), SCALE)
 
-    results = _run_ranks(world, tmp_path)
+    results = run_ranks(__file__, world, tmp_path)
     backends = [b for b in results[0] if b != "unequal"]
     assert {"torch", "triton", "chunked"} <= set(backends)
     for rank, res in enumerate(results):
@@ -101,10 +66,10 @@ def test_distributed_loss_equals_single_process(world, tmp_path):
         for backend in backends:
             loss, d_img, d_txt, d_scale = res[backend]
             what = f"{backend}, rank {rank} of {world}"
-            assert _rel(loss, want.detach()) <= 1e-5, f"{what}: loss {loss.item()} != {want.item()}"
-            assert _rel(d_img / world, i.grad[rows]) <= 1e-5, f"{what}: image gradient"
-            assert _rel(d_txt / world, t.grad[rows]) <= 1e-5, f"{what}: text gradient"
-            assert _rel(d_scale, s.grad) <= 1e-5, f"{what}: scale gradient {d_scale.item()} != {s.grad.item()}"
+            assert rel(loss, want) <= 1e-5, f"{what}: loss {loss.item()} != {want.item()}"
+            assert rel(d_img / world, want_img[rows]) <= 1e-5, f"{what}: image gradient"
+            assert rel(d_txt / world, want_txt[rows]) <= 1e-5, f"{what}: text gradient"
+            assert rel(d_scale, want_scale) <= 1e-5, f"{what}: scale gradient {d_scale.item()} != {want_scale.item()}"
         assert res["unequal"] is not None and "same local batch size" in res["unequal"], (
             f"rank {rank}: unequal batches gave {res['unequal']!r}")
 

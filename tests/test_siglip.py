@@ -14,11 +14,11 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import clipforge
 from clipforge import ops, reference
 from clipforge.siglip_loss import SigLipLoss, siglip_loss_and_grads
+from conftest import assert_close, assert_within_twice, count_tl_dots, loss_and_grads, loss_features
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -26,37 +26,6 @@ HAS_CPP = ops.siglip_kernels("cpp") is not None
 needs_cpp = pytest.mark.skipif(not HAS_CPP, reason="clipforge._C is not built (or has no siglip_forward)")
 # (t, b): the corners of [1, 100] x [-20, 5], SigLIP's initialisation (10, -10) and two inner points
 SCALE_BIAS = [(10.0, -10.0), (1.0, 5.0), (100.0, -20.0), (1.0, -20.0), (100.0, 5.0), (37.0, -3.5)]
-NAMES = ("loss", "d_image", "d_text", "d_scale", "d_bias")
-
-
-def _features(n, d, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed * 7919 + n * 31 + d)
-    img = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
-    txt = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
-    # positives more similar than chance (as a trained model's), so both signs of z matter at every (t, b)
-    txt = F.normalize(txt + (2.5 / math.sqrt(d)) * img, dim=1)
-    return img.to(dtype), txt.to(dtype)
-
-
-def _loss_and_grads(fn, img, txt, t, b):
-    img = img.clone().requires_grad_(True)
-    txt = txt.clone().requires_grad_(True)
-    sdtype = torch.float64 if img.dtype == torch.float64 else torch.float32
-    t = torch.tensor(t, dtype=sdtype, requires_grad=True)
-    b = torch.tensor(b, dtype=sdtype, requires_grad=True)
-    loss = fn(img, txt, t, b)
-    loss.backward()
-    return loss.detach().double(), img.grad.double(), txt.grad.double(), t.grad.double(), b.grad.double()
-
-
-def _assert_close(got, want, rtol, what):
-    for name, a, b in zip(NAMES, got, want):
-        err = (a - b).norm().item()
-        ref = b.norm().item()
-        if not err <= rtol * ref:
-            idx = (a - b).abs().argmax()
-            pytest.fail(f"{what}: {name} relative error {err / max(ref, 1e-30):.3e} > {rtol:.0e}; worst element "
-                        f"#{int(idx)}: got {a.flatten()[idx].item():.9g}, want {b.flatten()[idx].item():.9g}")
 
 
 def _openclip(img, txt, t, b):
@@ -68,11 +37,11 @@ def _ours(backend, chunk_size=None):
 
 
 def _check_against_both(backend, n, d, chunk_size, t, b):
-    img, txt = _features(n, d)
-    got = _loss_and_grads(_ours(backend, chunk_size), img, txt, t, b)
+    img, txt = loss_features(n, d)
+    got = loss_and_grads(_ours(backend, chunk_size), img, txt, t, b)
     what = f"{backend} n={n} d={d} chunk={chunk_size} t={t} b={b}"
-    _assert_close(got, _loss_and_grads(reference.siglip_loss, img.double(), txt.double(), t, b), 1e-5, what + " vs float64")
-    _assert_close(got, _loss_and_grads(_openclip, img, txt, t, b), 1e-5, what + " vs SigLipLoss")
+    assert_close(got, loss_and_grads(reference.siglip_loss, img.double(), txt.double(), t, b), 1e-5, what + " vs float64")
+    assert_close(got, loss_and_grads(_openclip, img, txt, t, b), 1e-5, what + " vs SigLipLoss")
     with torch.no_grad():  # the value alone: the path that computes no gradient
         value = _ours(backend, chunk_size)(img, txt, torch.tensor(t), torch.tensor(b)).double()
     assert abs(value - got[0]) <= 1e-5 * got[0], f"{what}: value without gradients {value.item()} != {got[0].item()}"
@@ -122,25 +91,18 @@ def test_extreme_logits_stay_exact(backend):
     a = torch.linspace(-3.0, 3.0, n, dtype=torch.float64)
     img = torch.stack([a, torch.ones(n, dtype=torch.float64)], 1)           # <x_i, y_j> = a_i c_j + e_j
     txt = torch.stack([torch.linspace(1.0, -1.0, n, dtype=torch.float64), torch.linspace(-0.5, 0.5, n, dtype=torch.float64)], 1)
-    want = _loss_and_grads(reference.siglip_loss, img, txt, 100.0, 5.0)
-    got = _loss_and_grads(_ours(backend, 7 if backend != "torch" else None), img.float(), txt.float(), 100.0, 5.0)
-    _assert_close(got, want, 1e-5, f"{backend}, logits in [-300, 300]")
+    want = loss_and_grads(reference.siglip_loss, img, txt, 100.0, 5.0)
+    got = loss_and_grads(_ours(backend, 7 if backend != "torch" else None), img.float(), txt.float(), 100.0, 5.0)
+    assert_close(got, want, 1e-5, f"{backend}, logits in [-300, 300]")
 
 
 @pytest.mark.parametrize("backend, chunk", [pytest.param("cpp", c, marks=needs_cpp) for c in (None, 1, 5)]
                          + [("chunked", None), ("chunked", 5)])
 def test_float64_is_exact(backend, chunk):
-    img, txt = _features(37, 24, dtype=torch.float64)
-    want = _loss_and_grads(reference.siglip_loss, img, txt, 14.3, -7.0)
-    got = _loss_and_grads(_ours(backend, chunk), img, txt, 14.3, -7.0)
-    _assert_close(got, want, 1e-12, f"{backend} float64 chunk={chunk}")
-
-
-def _assert_within_twice(got, own, want, what):
-    for k, name in enumerate(NAMES):
-        own_err = (own[k] - want[k]).norm().item()
-        err = (got[k] - want[k]).norm().item()
-        assert err <= max(2 * own_err, 1e-6 * want[k].norm().item()), f"{what} {name}: {err:.3e} vs {own_err:.3e}"
+    img, txt = loss_features(37, 24, dtype=torch.float64)
+    want = loss_and_grads(reference.siglip_loss, img, txt, 14.3, -7.0)
+    got = loss_and_grads(_ours(backend, chunk), img, txt, 14.3, -7.0)
+    assert_close(got, want, 1e-12, f"{backend} float64 chunk={chunk}")
 
 
 @pytest.mark.parametrize("backend", ["triton", "chunked"])
@@ -149,27 +111,27 @@ def test_half_precision_within_twice_torch_own_error(backend, dtype):
     # half features, fp32 arithmetic: against the float64 loss of the same rounded features, within twice
     # the error of the reference run in `dtype` (the interpreter truncates Triton's fp32 -> bf16 stores of
     # G where a GPU rounds: pessimistic for triton bf16)
-    img, txt = _features(170, 40, dtype=dtype)
-    want = _loss_and_grads(reference.siglip_loss, img.double(), txt.double(), 10.0, -10.0)
-    own = _loss_and_grads(lambda i, t, s, b: reference.siglip_loss(i, t, s.to(dtype), b.to(dtype)), img, txt, 10.0, -10.0)
-    got = _loss_and_grads(_ours(backend), img, txt, 10.0, -10.0)
-    _assert_within_twice(got, own, want, f"{backend} {dtype}")
+    img, txt = loss_features(170, 40, dtype=dtype)
+    want = loss_and_grads(reference.siglip_loss, img.double(), txt.double(), 10.0, -10.0)
+    own = loss_and_grads(lambda i, t, s, b: reference.siglip_loss(i, t, s.to(dtype), b.to(dtype)), img, txt, 10.0, -10.0)
+    got = loss_and_grads(_ours(backend), img, txt, 10.0, -10.0)
+    assert_within_twice(got, own, want, f"{backend} {dtype}")
 
 
 def _autocast_parity(device, dtype, backend, n, d, t, b):
     """Ours on `dtype` features against OpenCLIP's SigLipLoss under torch.autocast(dtype) on the fp32
     features (its mixed-precision training), both measured against float64 on the fp32 features."""
-    img, txt = (x.to(device) for x in _features(n, d))
-    want = [x.cpu() for x in _loss_and_grads(reference.siglip_loss, img.double(), txt.double(), t, b)]
+    img, txt = (x.to(device) for x in loss_features(n, d))
+    want = [x.cpu() for x in loss_and_grads(reference.siglip_loss, img.double(), txt.double(), t, b)]
 
     def autocast_siglip(i, tt, s, bb):
         with torch.autocast(device.type, dtype=dtype):
             return _openclip(i, tt, s, bb)
 
-    own = [x.cpu() for x in _loss_and_grads(autocast_siglip, img, txt, t, b)]
+    own = [x.cpu() for x in loss_and_grads(autocast_siglip, img, txt, t, b)]
     fn = lambda i, tt, s, bb: clipforge.siglip_loss(i.to(dtype), tt.to(dtype), s, bb, backend=backend)  # noqa: E731
-    got = [x.cpu() for x in _loss_and_grads(fn, img, txt, t, b)]
-    _assert_within_twice(got, own, want, f"{backend} {dtype} vs SigLipLoss under autocast")
+    got = [x.cpu() for x in loss_and_grads(fn, img, txt, t, b)]
+    assert_within_twice(got, own, want, f"{backend} {dtype} vs SigLipLoss under autocast")
 
 
 @pytest.mark.parametrize("backend", ["triton", "chunked"])
@@ -190,21 +152,10 @@ def test_costs_three_gemm_equivalents_and_one_without_gradients(backend, monkeyp
     dots = {"flops": 0}
     if backend == "triton":
         from clipforge.kernels.siglip import _siglip_fwd_kernel
-        from clipforge.kernels.utils import is_interpreted
-        from triton.runtime import interpreter
 
-        if not is_interpreted(_siglip_fwd_kernel):
-            pytest.skip("counts tl.dot under the Triton interpreter")
-        create_dot = interpreter.InterpreterBuilder.create_dot
-
-        def counting_dot(self, a, b, acc, *args):
-            *batch, rows, inner = a.data.shape
-            dots["flops"] += 2 * rows * inner * b.data.shape[-1] * math.prod(batch)
-            return create_dot(self, a, b, acc, *args)
-
-        monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", counting_dot)
+        dots = count_tl_dots(_siglip_fwd_kernel, monkeypatch)
     n, d = 384, 128  # three 128-row blocks, three 128-column tiles, two K steps
-    img, txt = _features(n, d, dtype=torch.float16 if backend == "triton" else torch.float32)
+    img, txt = loss_features(n, d, dtype=torch.float16 if backend == "triton" else torch.float32)
     gemm = 2 * n * n * d
     addmm_ = {torch.ops.aten.addmm_: lambda c, a, b, out_shape=None, **kw: 2 * a[0] * a[1] * b[1]}
     chunk = None if backend == "triton" else 100  # uneven row chunks on the CPU backends
@@ -228,10 +179,10 @@ def test_costs_three_gemm_equivalents_and_one_without_gradients(backend, monkeyp
 def test_backward_scales_the_gradients_computed_in_forward(backend):
     # the gradients come out of the forward pass (for dL_out = 1): the backward multiplies by dL_out and
     # hands them out (a second backward is refused with a sentence), and a no-grad call gives the same value
-    img, txt = _features(50, 16)
-    once = _loss_and_grads(_ours(backend), img, txt, 10.0, -10.0)
-    thrice = _loss_and_grads(lambda *a: 3.0 * _ours(backend)(*a), img, txt, 10.0, -10.0)
-    _assert_close([x / 3 for x in thrice], once, 1e-6, f"{backend}: 3 x the loss")
+    img, txt = loss_features(50, 16)
+    once = loss_and_grads(_ours(backend), img, txt, 10.0, -10.0)
+    thrice = loss_and_grads(lambda *a: 3.0 * _ours(backend)(*a), img, txt, 10.0, -10.0)
+    assert_close([x / 3 for x in thrice], once, 1e-6, f"{backend}: 3 x the loss")
     i = img.clone().requires_grad_(True)
     loss = clipforge.siglip_loss(i, txt, 10.0, -10.0, backend=backend)
     loss.backward(retain_graph=True)
@@ -243,7 +194,7 @@ def test_backward_scales_the_gradients_computed_in_forward(backend):
 
 
 def test_triton_gradients_keep_input_dtype_and_repeat_bit_equal():
-    img, txt = _features(33, 16, dtype=torch.bfloat16)
+    img, txt = loss_features(33, 16, dtype=torch.bfloat16)
     runs = []
     for _ in range(2):
         i, t = img.clone().requires_grad_(True), txt.clone().requires_grad_(True)
@@ -258,7 +209,7 @@ def test_triton_gradients_keep_input_dtype_and_repeat_bit_equal():
 
 @needs_cpp
 def test_cpp_half_inputs_are_upcast_and_repeat_bit_equal():
-    img, txt = _features(300, 16, dtype=torch.bfloat16)
+    img, txt = loss_features(300, 16, dtype=torch.bfloat16)
     runs = []
     for _ in range(2):
         i, t = img.clone().requires_grad_(True), txt.clone().requires_grad_(True)
@@ -276,7 +227,7 @@ def test_cpp_half_inputs_are_upcast_and_repeat_bit_equal():
 @needs_cpp
 def test_cpp_boundary_checks_and_nan():
     _C = ops.cpp_extension()
-    img, txt = _features(4, 8)
+    img, txt = loss_features(4, 8)
     cases = [
         (lambda: _C.siglip_forward(img.int(), txt.int(), 1.0, 0.0, 0, 0), "float32 or float64"),
         (lambda: _C.siglip_forward(img, txt.double(), 1.0, 0.0, 0, 0), "same dtype"),
@@ -302,16 +253,16 @@ def test_cpp_boundary_checks_and_nan():
 
 @pytest.mark.parametrize("backend", ["torch", "triton", "chunked", pytest.param("cpp", marks=needs_cpp)])
 def test_loss_and_grads_equals_autograd(backend):
-    img, txt = _features(70, 24)
-    want = _loss_and_grads(_ours(backend), img, txt, 10.0, -10.0)
+    img, txt = loss_features(70, 24)
+    want = loss_and_grads(_ours(backend), img, txt, 10.0, -10.0)
     got = siglip_loss_and_grads(img, txt, torch.tensor(10.0), torch.tensor(-10.0), backend=backend)
     assert got[3].shape == got[4].shape == () and got[1].dtype == torch.float32 and got[4].dtype == torch.float32
-    _assert_close([x.double() for x in got], want, 1e-6, f"{backend}: loss_and_grads vs autograd")
+    assert_close([x.double() for x in got], want, 1e-6, f"{backend}: loss_and_grads vs autograd")
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton", "chunked", pytest.param("cpp", marks=needs_cpp)])
 def test_bad_inputs_raise_clear_errors(backend):
-    img, txt = _features(8, 16)
+    img, txt = loss_features(8, 16)
     with pytest.raises(ValueError, match="same shape"):
         clipforge.siglip_loss(img, txt[:7], 1.0, 0.0, backend=backend)
     with pytest.raises(ValueError, match="empty batch"):
@@ -323,7 +274,7 @@ def test_bad_inputs_raise_clear_errors(backend):
 
 
 def test_module_float_scale_and_bias_get_no_gradient():
-    img, txt = _features(50, 16)
+    img, txt = loss_features(50, 16)
     i = img.clone().requires_grad_(True)
     loss = SigLipLoss(backend="chunked")(i, txt, 20.0, -5.0)
     want = _openclip(img, txt, torch.tensor(20.0), torch.tensor(-5.0))
@@ -387,12 +338,12 @@ def test_cuda_matches_openclip_autocast_bf16(backend):
 def test_cuda_matches_float64(backend, n, d, tb, dtype):
     # GPU twin of the interpreter tests: fp32 to 1e-5 (chunked: cuBLAS fp32; triton, forced: 3xTF32),
     # half precision to twice PyTorch's own error in that dtype
-    img, txt = (x.cuda() for x in _features(n, d, dtype=dtype))
-    want = [x.cpu() for x in _loss_and_grads(reference.siglip_loss, img.double(), txt.double(), *tb)]
-    got = [x.cpu() for x in _loss_and_grads(_ours(backend), img, txt, *tb)]
+    img, txt = (x.cuda() for x in loss_features(n, d, dtype=dtype))
+    want = [x.cpu() for x in loss_and_grads(reference.siglip_loss, img.double(), txt.double(), *tb)]
+    got = [x.cpu() for x in loss_and_grads(_ours(backend), img, txt, *tb)]
     if dtype == torch.float32:
-        _assert_close(got, want, 1e-5, f"{backend} cuda n={n} d={d}")
+        assert_close(got, want, 1e-5, f"{backend} cuda n={n} d={d}")
         return
-    own = [x.cpu() for x in _loss_and_grads(
+    own = [x.cpu() for x in loss_and_grads(
         lambda i, t, s, b: reference.siglip_loss(i, t, s.to(dtype), b.to(dtype)), img, txt, *tb)]
-    _assert_within_twice(got, own, want, f"{backend} cuda {dtype}")
+    assert_within_twice(got, own, want, f"{backend} cuda {dtype}")
