@@ -18,6 +18,9 @@ a contrastive batch of 4,096 (clipforge: 16 gradient-caching micro-batches of 25
 forward of 4,096). On a GPU: ViT-B/32, 256 per GPU, bf16, with model FLOPs utilisation
 (3 x forward FLOPs of the batch, counted by clipforge.train.plan's meta trace, over time x peak bf16 FLOP/s).
 
+Patch dropout (FLIP, model.patch_dropout p): clipforge's step on small-vit (64 patches), batch 64, one forward,
+at p = 0, 0.5 and 0.75 (`test_cpu_train_step_patch_dropout`); the image tower runs int(64 (1 - p)) + 1 tokens.
+
 Memory: CPU: the peak resident set during the timed steps (Linux VmHWM, reset after the warm-up step,
 so it is this case's peak, model and process included) and the resting RSS before them; GPU:
 `torch.cuda.max_memory_allocated` over the timed steps. extra_info carries samples/s and both.
@@ -70,14 +73,14 @@ class _NoData:
         return {}
 
 
-def _clipforge_step(preset: str, batch: int, micro: int, precision: str, images, tokens):
+def _clipforge_step(preset: str, batch: int, micro: int, precision: str, images, tokens, patch_dropout: float = 0.0):
     from clipforge.train.distributed import init_distributed
     from clipforge.train.config import TrainConfig
     from clipforge.train.trainer import Trainer
 
     init_distributed()
     cfg = TrainConfig.from_dict({
-        "model": {"name": preset},
+        "model": {"name": preset, "patch_dropout": patch_dropout},
         "batch": {"global_size": batch, "micro_size": micro},
         "optimizer": {"impl": "torch", "lr": LR, "weight_decay": 0.2, "grad_clip": 0.0},
         "schedule": {"warmup_steps": 0, "total_steps": 10_000},
@@ -135,7 +138,7 @@ def _openclip_step(preset: str, precision: str, images, tokens):
     return step
 
 
-def _make_step(provider, preset, batch, micro, precision, device):
+def _make_step(provider, preset, batch, micro, precision, device, patch_dropout: float = 0.0):
     shim_torchvision()  # before DeepSpeed or open_clip import torchvision
     pytest.importorskip("deepspeed")
     if provider == "openclip":
@@ -144,7 +147,7 @@ def _make_step(provider, preset, batch, micro, precision, device):
 
     images, tokens = _inputs(get_preset(preset), batch, device)
     if provider == "clipforge":
-        return _clipforge_step(preset, batch, micro, precision, images, tokens)
+        return _clipforge_step(preset, batch, micro, precision, images, tokens, patch_dropout)
     return _openclip_step(preset, precision, images, tokens)
 
 
@@ -164,6 +167,34 @@ def test_cpu_train_step(benchmark, preset, batch, micro, provider):
         "micro_batch": micro if provider == "clipforge" else batch, "seconds": seconds,
         "samples_per_s": batch / seconds, "peak_rss_mb": peak_kib / 1024, "resting_rss_mb": resting_kib / 1024,
         "threads": torch.get_num_threads(), "torch": torch.__version__,
+    })
+    print(json.dumps(benchmark.extra_info))
+
+
+PATCH_DROPOUT_CASE = ("small-vit", 64, 64)  # (preset, batch, micro-batch): one forward, as the CPU case above
+
+
+@pytest.mark.parametrize("p", [0.0, 0.5, 0.75], ids=lambda p: f"p{p}")
+def test_cpu_train_step_patch_dropout(benchmark, p):
+    """clipforge's train step with FLIP patch dropout p; extra_info adds the image tokens and the model's
+    forward FLOPs per sample at that p (clipforge.train.plan's meta trace), to set the speed-up against."""
+    from clipforge.train.plan import trace_model
+
+    preset, batch, micro = PATCH_DROPOUT_CASE
+    step = _make_step("clipforge", preset, batch, micro, "fp32", torch.device("cpu"), patch_dropout=p)
+    step()  # warm-up
+    benchmark.pedantic(step, rounds=5, iterations=1)
+    seconds = benchmark.stats.stats.min
+    from clipforge.model.config import get_preset
+
+    v = get_preset(preset).vision
+    patches = (v.image_size // v.patch_size) ** 2
+    benchmark.extra_info.update({
+        "device": "cpu", "preset": preset, "provider": "clipforge", "precision": "fp32", "batch": batch,
+        "micro_batch": micro, "patch_dropout": p, "image_tokens": 1 + max(1, int(patches * (1 - p))),
+        "forward_gflops_per_sample": trace_model(preset, "fp32", {"vision": {"patch_dropout": p}}).flops_per_sample / 1e9,
+        "seconds": seconds, "samples_per_s": batch / seconds, "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
     })
     print(json.dumps(benchmark.extra_info))
 

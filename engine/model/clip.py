@@ -6,6 +6,8 @@ call goes through `clipforge.ops.attention`, so the backend (Triton, SDPA, xform
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from collections import OrderedDict
 
@@ -94,11 +96,57 @@ class Transformer(nn.Module):
         return x
 
 
+# ------------------------------------------------------------------------------ FLIP patch dropout
+# Which patches a training sample keeps. By default they come from torch's RNG on the tokens' device
+# (one uniform draw per patch, the lowest-ranked kept), so code that replays a forward under a saved RNG
+# state (the trainer's gradient caching) draws them again. Torch's stream, though, depends on how a
+# global batch is cut into micro-batches and ranks. Inside `keyed_patch_dropout(seed, step, first)` sample
+# i of the forward instead ranks its patches by a counter-based hash of (seed, step, first + i): the
+# trainer passes the sample's row in the global batch, so a sample keeps the same patches on 1 process
+# or W ranks, with or without gradient caching, on replay and after resume (which restores the step).
+_PATCH_KEYS: contextvars.ContextVar = contextvars.ContextVar("clipforge_patch_keys", default=None)
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x):
+    """A bijection of 32-bit values (xor-shift-multiply, constant 0x45d9f3b), on Python ints or int64
+    tensors; the products stay below 2**59, so int64 never overflows."""
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _M32
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _M32
+    return x ^ (x >> 16)
+
+
+@contextlib.contextmanager
+def keyed_patch_dropout(seed: int, step: int, first_index: int = 0):
+    """Patch dropout inside this block: row i of an image batch keeps the patches of sample
+    `first_index + i` of (seed, step), whatever the batch's size or device; torch's RNG is not used."""
+    key = _mix32((_mix32(_mix32(int(seed) & _M32) ^ ((int(seed) >> 32) & _M32)) + int(step)) & _M32)
+    token = _PATCH_KEYS.set((key, int(first_index)))
+    try:
+        yield
+    finally:
+        _PATCH_KEYS.reset(token)
+
+
+def kept_patches(n: int, num_patches: int, keep: int, device) -> torch.Tensor:
+    """(n, keep) int64: the patch indices (0-based, ascending) each of n samples keeps."""
+    keyed = _PATCH_KEYS.get()
+    if keyed is None:
+        scores = torch.rand(n, num_patches, device=device)
+    else:
+        key, first = keyed
+        rows = _mix32(_mix32((torch.arange(n, device=device) + first) & _M32) ^ key)  # (n,)
+        # a bijection of the patch index for each row: no ties, the same order on any device
+        scores = _mix32(rows[:, None] ^ torch.arange(num_patches, device=device))  # (n, L)
+    return scores.argsort(dim=1)[:, :keep].sort(dim=1).values
+
+
 class VisionTransformer(nn.Module):
     def __init__(self, cfg: VisionConfig, embed_dim: int, act, backend: str):
         super().__init__()
         width, patch = cfg.width, cfg.patch_size
         self.image_size, self.patch_size = cfg.image_size, patch
+        self.patch_dropout = float(cfg.patch_dropout)  # FLIP: fraction of patches dropped in train mode
         grid = cfg.image_size // patch
         scale = width**-0.5
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch, stride=patch, bias=False)
@@ -114,8 +162,19 @@ class VisionTransformer(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # (N, g*g, W)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # (N, g*g+1, W)
+        if self.training and self.patch_dropout > 0:  # after the positional embedding, as OpenCLIP
+            x = self._drop_patches(x)  # (N, 1 + keep, W)
         x = self.transformer(self.ln_pre(x))
         return self.ln_post(x[:, 0]) @ self.proj  # (N, E)
+
+    def _drop_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """Keep the class token and int(L * (1 - p)) (at least 1) of the L patch tokens per sample; the
+        transformer (same attention kernels) just runs on the shorter sequence."""
+        n, length, width = x.shape[0], x.shape[1] - 1, x.shape[2]
+        keep = max(1, int(length * (1 - self.patch_dropout)))
+        idx = kept_patches(n, length, keep, x.device)  # (N, keep)
+        patches = torch.gather(x[:, 1:], 1, idx.unsqueeze(-1).expand(n, keep, width))
+        return torch.cat([x[:, :1], patches], dim=1)
 
 
 class Bottleneck(nn.Module):
@@ -381,4 +440,5 @@ def num_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["CLIP", "create_model", "num_parameters", "LayerNorm", "QuickGELU", "TextConfig", "VisionConfig"]
+__all__ = ["CLIP", "create_model", "keyed_patch_dropout", "num_parameters", "LayerNorm", "QuickGELU", "TextConfig",
+           "VisionConfig"]

@@ -17,6 +17,9 @@ class VisionConfig:
     patch_size: int | None = 32  # None for the modified ResNet
     heads: int | None = None  # default: width // 64 (ViT), width * 32 // 64 (ResNet attention pool)
     mlp_ratio: float = 4.0
+    # FLIP (Li et al. 2023), OpenCLIP's `patch_dropout`: the fraction of patch tokens each sample drops in
+    # training (class token kept, eval mode keeps all); ViT only. 0: off. See clip.VisionTransformer.
+    patch_dropout: float = 0.0
 
     @property
     def is_resnet(self) -> bool:
@@ -34,7 +37,14 @@ class VisionConfig:
         if self.heads is not None:
             _positive(f"{prefix}.heads", self.heads)
         _ratio(f"{prefix}.mlp_ratio", self.mlp_ratio, self.width)
+        p = self.patch_dropout
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+            raise ConfigError(f"config key '{prefix}.patch_dropout' is the fraction of patch tokens dropped in training "
+                              f"and must lie in [0, 1) (FLIP uses 0.5 to 0.75; 0 turns it off), got {p!r}")
         if self.is_resnet:
+            if p > 0:
+                raise ConfigError(f"config key '{prefix}.patch_dropout' ({p}) needs a vision transformer: a ResNet "
+                                  "image tower has no patch tokens to drop; set it to 0 or choose a ViT model")
             if len(self.layers) != 4:
                 raise ConfigError(f"config key '{prefix}.layers' needs 4 stage depths for a ResNet, got {self.layers}")
             for depth in self.layers:

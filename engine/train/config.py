@@ -33,20 +33,24 @@ class ModelSection:
     name: str = "tiny-vit"  # a preset (clipforge.list_models())
     # top-level or nested CLIPConfig fields passed to create_model (e.g. {quick_gelu: false})
     overrides: dict[str, Any] = field(default_factory=dict)
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool = False  # activation checkpointing: each residual block recomputed in backward
     # start from weights (fine-tuning; train/finetune.py): any file or folder clipforge.load takes, read
-    # with model.name as its architecture; _image / _text: that tower only, from any CLIP file
+    # with model.name as its architecture; a resumed run continues its checkpoint instead
     pretrained: str | None = None
-    pretrained_image: str | None = None
-    pretrained_text: str | None = None
-    # LiT: a locked tower gets no gradient and no optimizer state but for its last K groups (OpenCLIP's
-    # --lock-image-unlocked-groups, --lock-text-unlocked-layers); freeze_norm: norms stay frozen in them
+    pretrained_image: str | None = None  # the image tower (visual.*) only, from any CLIP file with its shapes
+    pretrained_text: str | None = None  # the text tower only (all but visual.*, logit_scale, logit_bias)
+    # LiT: a locked tower gets no gradient and no optimizer state (OpenCLIP's --lock-image)
     lock_image: bool = False
+    # the last K of the tower's groups stay trainable (stem, blocks, last block + norm, projection;
+    # 1: the projection only); OpenCLIP's --lock-image-unlocked-groups
     lock_image_unlocked_groups: int = 0
-    lock_image_freeze_norm: bool = False  # also: a ResNet's BatchNorm statistics stay fixed
-    lock_text: bool = False
-    lock_text_unlocked_groups: int = 0
-    lock_text_freeze_norm: bool = False
+    lock_image_freeze_norm: bool = False  # norms stay frozen in the unlocked groups; a ResNet's BatchNorm statistics stay fixed
+    lock_text: bool = False  # the same for the text tower (OpenCLIP's --lock-text)
+    lock_text_unlocked_groups: int = 0  # OpenCLIP's --lock-text-unlocked-layers (the same groups)
+    lock_text_freeze_norm: bool = False  # norms stay frozen in the unlocked groups
+    # FLIP patch dropout (OpenCLIP's patch_dropout): the fraction of image patches each training sample
+    # drops, in [0, 1); ViT only; becomes the model's vision.patch_dropout (model_overrides)
+    patch_dropout: float = 0.0
 
 
 @dataclass
@@ -60,7 +64,7 @@ class OptimizerSection:
     # torch: torch.optim.AdamW handed to DeepSpeed as a client optimizer (no compiled ops);
     # deepspeed: DeepSpeed's FusedAdam on GPU / DeepSpeedCPUAdam with offload (compiled on first use).
     impl: str = "torch"
-    lr: float = 5e-4
+    lr: float = 5e-4  # the peak rate, reached after schedule.warmup_steps
     weight_decay: float = 0.2  # decoupled; never on gains, biases, embeddings' norms or the logit scale
     betas: tuple[float, ...] | None = None  # None: per model family (ViT 0.9/0.98, ResNet 0.9/0.999)
     eps: float | None = None  # None: per model family (ViT 1e-6, ResNet 1e-8)
@@ -86,8 +90,8 @@ class PrecisionSection:
     dtype: str = "fp32"  # fp32 (CPU) | bf16 (A100/H100) | fp16 (V100, dynamic loss scaling)
     initial_scale_power: int = 16  # fp16: the loss scale starts at 2**power
     loss_scale_window: int = 1000  # fp16: steps without overflow before the scale doubles
-    hysteresis: int = 2
-    min_loss_scale: float = 1.0
+    hysteresis: int = 2  # fp16: overflows tolerated before the scale drops
+    min_loss_scale: float = 1.0  # fp16: the scale never goes below this
 
 
 @dataclass
@@ -96,7 +100,7 @@ class LossSection:
     # (clipforge.siglip_loss), whose model gets a learnable logit bias (TrainConfig.model_overrides)
     kind: str = "clip"
     backend: str = "auto"  # see clipforge.ops: auto | triton | chunked | cpp | torch
-    chunk_size: int | None = None
+    chunk_size: int | None = None  # image rows per chunk of logits; None: the backend's own (within 256 MiB)
 
 
 # SigLIP's initialisation (Zhai et al. 2023, as OpenCLIP's --siglip): t = exp(log 10) = 10, b = -10
@@ -105,31 +109,31 @@ SIGLIP_INIT = {"init_logit_scale": math.log(10.0), "init_logit_bias": -10.0}
 
 @dataclass
 class DeepSpeedSection:
-    zero_stage: int = 0
+    zero_stage: int = 0  # ZeRO: 0 off, 1 optimizer states, 2 + gradients, 3 + weights partitioned over ranks
     config_file: str | None = None  # a DeepSpeed JSON to use instead of the generated one
     offload_optimizer: str = "none"  # none | cpu   (ZeRO 1-3, needs optimizer.impl: deepspeed)
     offload_param: str = "none"  # none | cpu     (ZeRO 3 only)
-    overlap_comm: bool = False
-    contiguous_gradients: bool = True
+    overlap_comm: bool = False  # overlap gradient reduction with backward (more memory for buckets)
+    contiguous_gradients: bool = True  # copy gradients into one buffer as they are made (less fragmentation)
     round_robin_gradients: bool = False  # ZeRO 1/2 only
-    reduce_bucket_size: int = 500_000_000
-    allgather_bucket_size: int = 500_000_000
-    stage3_prefetch_bucket_size: int = 50_000_000
-    stage3_param_persistence_threshold: int = 100_000
+    reduce_bucket_size: int = 500_000_000  # elements per gradient reduction bucket
+    allgather_bucket_size: int = 500_000_000  # ZeRO 1/2: elements per weight all-gather bucket
+    stage3_prefetch_bucket_size: int = 50_000_000  # ZeRO 3: elements of weights fetched ahead
+    stage3_param_persistence_threshold: int = 100_000  # ZeRO 3: smaller weights stay whole on every rank
 
 
 @dataclass
 class CheckpointSection:
     every_steps: int = 1000  # 0: only the final checkpoint
-    keep_last: int = 3
+    keep_last: int = 3  # complete checkpoints of this run kept (older ones pruned)
     dir: str | None = None  # None: <output_dir>/checkpoints
-    save_final: bool = True
+    save_final: bool = True  # a checkpoint after the last step too (model.safetensors is written anyway)
 
 
 @dataclass
 class LoggingSection:
-    tensorboard: bool = True
-    progress_bar: bool = True
+    tensorboard: bool = True  # TensorBoard event files in <output_dir>/tensorboard
+    progress_bar: bool = True  # a tqdm bar on rank 0 (metrics.jsonl is written either way)
     plot: bool = True  # loss curve PNG at the end of the run
 
 
@@ -160,9 +164,9 @@ class TrainConfig:
     logging: LoggingSection = field(default_factory=LoggingSection)
     evaluation: EvaluationSection = field(default_factory=EvaluationSection)
     distributed: DistributedSection = field(default_factory=DistributedSection)
-    seed: int = 0
-    max_steps: int = 100
-    output_dir: str = "runs/default"
+    seed: int = 0  # initial weights, dropout and patch-dropout draws (data order: data.seed)
+    max_steps: int = 100  # optimizer steps (global batches) of the run
+    output_dir: str = "runs/default"  # the run folder (a used one needs --resume auto or --force)
     max_nonfinite_steps: int = 5  # this many non-finite losses in a row stop the run
 
     # ------------------------------------------------------------------ loading
@@ -227,6 +231,13 @@ class TrainConfig:
         if "grad_checkpointing" in self.model.overrides:
             raise ConfigError("config key 'model.overrides.grad_checkpointing' is a run setting: set "
                               "model.grad_checkpointing instead")
+        if not 0 <= self.model.patch_dropout < 1:  # a number (dataclass_from_dict); ResNets: preflight.check_model
+            raise ConfigError(f"config key 'model.patch_dropout' is the fraction of image patches dropped in "
+                              f"training and must lie in [0, 1) (FLIP: 0.5 to 0.75), got {self.model.patch_dropout}")
+        if self.model.patch_dropout and isinstance(self.model.overrides.get("vision"), dict) \
+                and "patch_dropout" in self.model.overrides["vision"]:
+            raise ConfigError("config keys 'model.patch_dropout' and 'model.overrides.vision.patch_dropout' both set "
+                              "the patch dropout: keep one (model.patch_dropout)")
         m = self.model
         if m.pretrained and (m.pretrained_image or m.pretrained_text):
             raise ConfigError("config key 'model.pretrained' loads the whole model: drop it, or drop "
@@ -336,8 +347,13 @@ class TrainConfig:
         return self.checkpointing.dir or os.path.join(self.output_dir, "checkpoints")
 
     def model_overrides(self) -> dict:
-        """model.overrides, plus SigLIP's initial scale and bias under loss.kind: siglip (unless given)."""
-        return {**SIGLIP_INIT, **self.model.overrides} if self.loss.kind == "siglip" else dict(self.model.overrides)
+        """model.overrides, plus SigLIP's initial scale and bias under loss.kind: siglip (unless given), plus
+        model.patch_dropout as vision={..., "patch_dropout": p} (the user's other vision overrides kept)."""
+        out = {**SIGLIP_INIT, **self.model.overrides} if self.loss.kind == "siglip" else dict(self.model.overrides)
+        vision = out.get("vision", {})
+        if self.model.patch_dropout and isinstance(vision, dict):
+            out["vision"] = {**vision, "patch_dropout": self.model.patch_dropout}
+        return out
 
     def adam_hyperparameters(self, is_resnet: bool) -> tuple[tuple[float, float], float]:
         betas, eps = ADAM_DEFAULTS["resnet" if is_resnet else "vit"]

@@ -123,7 +123,10 @@ def check_model(cfg: TrainConfig):
         model_config = base.replace(**cfg.model_overrides(), grad_checkpointing=cfg.model.grad_checkpointing)
     except (ConfigError, TypeError, ValueError) as exc:
         # the model config names its keys relative to itself: name them in the run config
-        raise ConfigError(re.sub(r"key '([^']+)'", r"key 'model.overrides.\1'", str(exc))) from None
+        message = re.sub(r"key '([^']+)'", r"key 'model.overrides.\1'", str(exc))
+        if cfg.model.patch_dropout:  # then vision.patch_dropout came from model.patch_dropout (check() refuses both)
+            message = message.replace("model.overrides.vision.patch_dropout", "model.patch_dropout")
+        raise ConfigError(message) from None
     backend = str(model_config.attention_backend).lower()
     if backend not in ATTENTION_BACKENDS:
         raise ConfigError(f"config key 'model.overrides.attention_backend' must be one of "

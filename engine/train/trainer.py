@@ -42,7 +42,7 @@ from .checkpoint import DS_TAG, load_trainer_state, save_trainer_state
 from ..loss import _all_gather_rows
 from ..data.loaders import ShardBatches
 from ..data.synthetic import SyntheticPairs
-from ..model.clip import MAX_LOGIT_SCALE
+from ..model.clip import MAX_LOGIT_SCALE, keyed_patch_dropout
 from .config import ConfigError, TrainConfig
 from .deepspeed_compat import _scalars_to_vectors, _weights_only_load
 from .finetune import prepare_model
@@ -207,10 +207,12 @@ class Trainer:
     def _build_data(self):
         return build_data_source(self.cfg, self.model_config, rank=self.rank, world_size=self.world_size)
 
-    def forward(self, images, tokens):
+    def forward(self, images, tokens, first: int = 0):
         """The engine's forward -> (image features, text features, scalars): scalars is the 0-dim
-        exponentiated scale, and under SigLIP the 0-dim logit bias after it."""
-        img, txt, *scalars = self.engine(images, tokens)
+        exponentiated scale, and under SigLIP the 0-dim logit bias after it. `first`: the images' first
+        row in this rank's batch; patch dropout keys each sample on (seed, step, row in the global batch)."""
+        with keyed_patch_dropout(self.cfg.seed, self.step, self.rank * self.local_batch + first):
+            img, txt, *scalars = self.engine(images, tokens)
         return img, txt, tuple(x.reshape(()) for x in scalars)
 
     # ------------------------------------------------------------------------------- the loss
@@ -323,7 +325,7 @@ class Trainer:
         with torch.no_grad():
             for sl in slices:
                 states.append(_rng_state())
-                img, txt, scalars = self.forward(images[sl], tokens[sl])
+                img, txt, scalars = self.forward(images[sl], tokens[sl], sl.start)
                 img_parts.append(img)  # the model's precision, as in _plain_step (half the cache in bf16)
                 txt_parts.append(txt)
         after = _rng_state()
@@ -339,7 +341,7 @@ class Trainer:
         # 3. replay each micro-batch with a graph and push its slice of the cached gradients through
         for i, sl in enumerate(slices):
             _set_rng_state(states[i])
-            img, txt, scalars = self.forward(images[sl], tokens[sl])
+            img, txt, scalars = self.forward(images[sl], tokens[sl], sl.start)
             surrogate = (img.float() * g_img[sl]).sum() + (txt.float() * g_txt[sl]).sum()
             for x, g in zip(scalars, g_scalars):  # once (micro-batch 0), a zero on the others
                 surrogate = surrogate + x.float() * (g.to(x.device) if i == 0 else torch.zeros_like(g, device=x.device))
