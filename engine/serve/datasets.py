@@ -2,7 +2,10 @@
 captioned image sets (tables or shards) for retrieval."""
 from __future__ import annotations
 
+import itertools
 import os
+import re
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
@@ -146,21 +149,86 @@ def _classnames_for(found: list[str] | None, classes, n_labels: int | None, wher
 
 def embed_labelled(model, spec: str, *, batch_size: int = 64, device=None, amp: bool = True, progress=None):
     """Embeddings of a labelled dataset -> (emb (N, E), labels (N,), class folder names or None, sources, skipped)."""
+    return merge_labelled([embed_labelled_part(model, spec, batch_size=batch_size, device=device, amp=amp,
+                                               progress=progress)])
+
+
+@dataclass
+class LabelledPart:
+    """One rank's share of a labelled dataset's embeddings (`embed_labelled_part`)."""
+
+    emb: np.ndarray  # (n, E) the kept images of this share, in input order
+    index: np.ndarray  # (n,) their positions in the dataset's image list
+    labels: np.ndarray  # (n,)
+    sources: list[str]
+    folders: list[str] | None  # class folder names (None for shards)
+    bad: list[tuple[int, list[str]]]  # (position, [source, reason]): images of this share that could not be read
+    unusable: list[list[str]]  # samples of the shards without an image or a label (the same in every share)
+    forwards: int  # image batches this share encoded (those with a readable image)
+    batches: int  # batches of the whole pass (all shares)
+
+
+def embed_labelled_part(model, spec: str, *, rank: int = 0, world: int = 1, batch_size: int = 64, device=None,
+                        amp: bool = True, progress=None) -> LabelledPart:
+    """The batches b with b % world == rank of the pass `embed_labelled` makes (batch b: images
+    [b * batch_size, (b + 1) * batch_size) of the list), each batch made of the same images as there, so
+    `merge_labelled` of the `world` shares gives exactly `embed_labelled`'s result."""
+    mine = (lambda i: (i // batch_size) % world == rank) if world > 1 else None
+    taken: list[int] = []
     if _is_webdataset(spec):
         shards = _LabelledShards(spec)
-        emb, bad = model.embed_images(shards, batch_size, device=device, amp=amp, progress=progress, on_error="skip",
+        items, folders = shards, None
+        if mine is not None:  # the whole stream is read (labels, unusable samples), this share's images decoded
+            items = _nonempty(img for i, img in enumerate(shards) if mine(i) and not taken.append(i))
+    else:
+        paths, all_labels, folders = image_folder(spec)
+        taken = [i for i in range(len(paths)) if mine is None or mine(i)]
+        items = paths if mine is None else [paths[i] for i in taken] or None
+    if items is None:  # a share with no batch (fewer batches than ranks)
+        emb, bad = np.zeros((0, model.config.embed_dim), np.float32), []
+    else:
+        emb, bad = model.embed_images(items, batch_size, device=device, amp=amp, progress=progress, on_error="skip",
                                       return_skipped=True)
-        bad_idx = {i for i, _ in bad}
-        keep = [i for i in range(len(shards.keys)) if i not in bad_idx]
-        skipped = shards.skipped + [[shards.keys[i], r] for i, r in bad]
-        labels = np.asarray(shards.labels, dtype=np.int64)[keep]
-        return emb, labels, None, [shards.keys[i] for i in keep], skipped
-    paths, labels, folders = image_folder(spec)
-    emb, bad = model.embed_images(paths, batch_size, device=device, amp=amp, progress=progress, on_error="skip",
-                                  return_skipped=True)
+    if _is_webdataset(spec):
+        taken = taken if mine is not None else list(range(len(shards.keys)))
+        sources_all, labels_all, unusable = shards.keys, np.asarray(shards.labels, dtype=np.int64), shards.skipped
+    else:
+        sources_all, labels_all, unusable = paths, all_labels, []
     bad_idx = {i for i, _ in bad}
-    keep = [i for i in range(len(paths)) if i not in bad_idx]
-    return emb, labels[keep], folders, [paths[i] for i in keep], [[paths[i], r] for i, r in bad]
+    keep = np.asarray([g for j, g in enumerate(taken) if j not in bad_idx], dtype=np.int64)
+    return LabelledPart(emb=emb, index=keep, labels=labels_all[keep],
+                        sources=[sources_all[i] for i in keep], folders=folders,
+                        bad=[(taken[j], [sources_all[taken[j]], _renumbered(r, j, taken[j])]) for j, r in bad],
+                        unusable=list(unusable),
+                        forwards=len({int(i) // batch_size for i in keep}), batches=-(-len(sources_all) // batch_size))
+
+
+def _renumbered(reason: str, j: int, position: int) -> str:
+    """A read error's reason names the image by its place in the share: name its place in the whole list."""
+    return re.sub(rf"\bimage {j}\b", f"image {position}", reason, count=1) if j != position else reason
+
+
+def _nonempty(items: Iterator[Any]) -> Iterator[Any] | None:
+    """`items`, or None when it yields nothing (then read to its end)."""
+    first = next(items, _END)
+    return None if first is _END else itertools.chain([first], items)
+
+
+_END = object()
+
+
+def merge_labelled(parts: list[LabelledPart]):
+    """The shares of `embed_labelled_part` -> `embed_labelled`'s (emb, labels, folders, sources, skipped)."""
+    if len(parts) == 1:  # already in order: no copy of the embeddings
+        p = parts[0]
+        return p.emb, p.labels, p.folders, p.sources, p.unusable + [r for _, r in p.bad]
+    index = np.concatenate([p.index for p in parts])
+    order = np.argsort(index, kind="stable")
+    emb = np.concatenate([p.emb for p in parts])[order]
+    labels = np.concatenate([p.labels for p in parts])[order]
+    sources = [s for p in parts for s in p.sources]
+    bad = sorted((b for p in parts for b in p.bad), key=lambda b: b[0])
+    return (emb, labels, parts[0].folders, [sources[i] for i in order], parts[0].unusable + [r for _, r in bad])
 
 
 # --------------------------------------------------------------------------------------------

@@ -79,20 +79,32 @@ def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) ->
 def zeroshot_eval(model, data: str, classes=None, templates="imagenet", *, batch_size: int = 64, device=None,
                   amp: bool = True, progress=None, confusion_png: str | None = None) -> dict:
     """Zero-shot top-1 / top-5 accuracy on a labelled dataset (see the module doc); optional confusion PNG."""
-    from .embed import logit_scale, probabilities
     from .prompts import get_templates
 
     templates = get_templates(templates)
     emb, labels, folders, _, skipped = embed_labelled(model, data, batch_size=batch_size, device=device,
                                                       amp=amp, progress=progress)
+    return zeroshot_report(model, data, emb, labels, folders, skipped, classes, templates, device=device, amp=amp,
+                           progress=progress, confusion_png=confusion_png)
+
+
+def zeroshot_report(model, data: str, emb: np.ndarray, labels: np.ndarray, folders, skipped, classes, templates, *,
+                    classifier: np.ndarray | None = None, scale: float | None = None, device=None, amp: bool = True,
+                    progress=None, confusion_png: str | None = None) -> dict:
+    """`zeroshot_eval`'s report from the dataset's image embeddings (`embed_labelled`'s result): the
+    classifier from the class names x templates (or `classifier`, made so by the caller: the trainer's
+    ranks build it under ZeRO 3, where the model's weights are partitioned), then the scores and metrics."""
+    from .embed import logit_scale, probabilities
+
     n_labels = int(labels.max()) + 1 if len(labels) else None
     names = _classnames_for(folders, classes, n_labels, data)
     if len(names) < 2:
         raise EvalDataError(f"{data} has {len(names)} class; zero-shot classification needs at least two classes")
     if len(labels) == 0:
         raise EvalDataError(f"{data}: no readable labelled image ({len(skipped)} skipped, first: {skipped[:1]})")
-    clf = model.zero_shot_classifier(names, templates, device=device, amp=amp, progress=progress)
-    probs = probabilities(emb, clf, logit_scale(model))
+    clf = classifier if classifier is not None else model.zero_shot_classifier(names, templates, device=device,
+                                                                               amp=amp, progress=progress)
+    probs = probabilities(emb, clf, logit_scale(model) if scale is None else scale)
     preds = probs.argmax(1)
     c = len(names)
     cm = confusion_matrix(labels, preds, c)

@@ -138,9 +138,25 @@ class LoggingSection:
 
 
 @dataclass
+class ZeroShotSection:
+    """Zero-shot classification during training (engine/train/zeroshot.py): what `clipforge eval --task
+    zeroshot --data PATH --classes CLASSES --templates TEMPLATES --batch-size N` reports, on the run's model."""
+
+    path: str | None = None  # a labelled folder (one sub-folder per class) or shards with .cls labels; null: off
+    # class names in label order: a file (one a line, or a JSON list), "a,b,c" or a list; null: the class
+    # folders' names ("_" read as spaces); labelled shards need them
+    classes: str | list[str] | None = None
+    templates: str | list[str] = "imagenet"  # a template set of clipforge.serve.prompts, a JSON file, or a list
+    every_steps: int = 0  # evaluate every N steps and after the last one; 0: after the last step only
+    batch_size: int = 64  # images per forward pass (each rank encodes whole batches of the one-process pass)
+
+
+@dataclass
 class EvaluationSection:
     every_steps: int = 0  # 0: never; else held-out contrastive loss and retrieval top-1
-    batches: int = 2
+    batches: int = 2  # held-out global batches each of those evaluations averages over
+    # zero-shot classification of a labelled folder, as `clipforge eval --task zeroshot` (off without a path)
+    zeroshot: ZeroShotSection = field(default_factory=ZeroShotSection)
 
 
 @dataclass
@@ -259,6 +275,15 @@ class TrainConfig:
             _positive("loss.chunk_size", self.loss.chunk_size)
         _at_least("evaluation.every_steps", self.evaluation.every_steps, 0, "(0: never)")
         _positive("evaluation.batches", self.evaluation.batches)
+        zs = self.evaluation.zeroshot
+        if zs.path is not None and not str(zs.path).strip():
+            raise ConfigError("config key 'evaluation.zeroshot.path' is empty: give a labelled folder (one "
+                              "sub-folder per class), or null to turn zero-shot evaluation off")
+        _at_least("evaluation.zeroshot.every_steps", zs.every_steps, 0, "(0: only at the end of the run)")
+        _positive("evaluation.zeroshot.batch_size", zs.batch_size)
+        if isinstance(zs.templates, list) and not zs.templates:
+            raise ConfigError("config key 'evaluation.zeroshot.templates' is an empty list: give a template set "
+                              "name (e.g. imagenet) or templates such as \"a photo of a {}.\"")
         _positive("distributed.timeout_s", self.distributed.timeout_s)
         _at_least("checkpointing.every_steps", self.checkpointing.every_steps, 0, "(0: only the final checkpoint)")
         p = self.precision

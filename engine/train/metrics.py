@@ -1,4 +1,4 @@
-"""What a run writes as it goes: metrics.jsonl, TensorBoard, the progress bar, the loss plot."""
+"""What a run writes as it goes: metrics.jsonl, TensorBoard, the progress bar, the loss plot, summary.json."""
 from __future__ import annotations
 
 import json
@@ -35,6 +35,9 @@ def read_complete_records(path: str) -> list[str]:
     return kept
 
 
+ZEROSHOT_SCALARS = ("zeroshot_top1", "zeroshot_top5", "zeroshot_mean_per_class_recall")  # TensorBoard's of a result
+
+
 class RunLog:
     """metrics.jsonl, TensorBoard and the progress bar; only rank 0 writes."""
 
@@ -69,7 +72,10 @@ class RunLog:
         step = metrics["step"]
         if self.writer is not None:
             for key, value in metrics.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                if key.startswith("zeroshot_"):  # zeroshot/top1, zeroshot/top5, zeroshot/mean_per_class_recall
+                    if key in ZEROSHOT_SCALARS and value is not None:
+                        self.writer.add_scalar(f"zeroshot/{key[len('zeroshot_'):]}", value, step)
+                elif key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                     if math.isfinite(value):
                         self.writer.add_scalar(f"train/{key}" if not key.startswith("eval") else key, value, step)
         if self.bar is not None:
@@ -122,8 +128,8 @@ def plot_loss_curve(metrics_path: str, png_path: str) -> None:
 # --------------------------------------------------------------------------------- the run's summary
 def write_summary(output_dir: str, summary: dict) -> str:
     """summary.json in the run folder (written whole, then renamed) and its headline on stderr: steps,
-    samples, wall time, throughput, skipped non-finite steps, checkpoints, and the data's skip counts by
-    reason and by shard (validation) and at run time (summed over ranks)."""
+    samples, wall time, throughput, skipped non-finite steps, checkpoints, the data's skip counts by
+    reason and by shard (validation) and at run time (summed over ranks), and the latest zero-shot result."""
     path = os.path.join(output_dir, "summary.json")
     with open(path + ".tmp", "w") as f:
         json.dump(summary, f, indent=1)
@@ -136,6 +142,9 @@ def write_summary(output_dir: str, summary: dict) -> str:
              f"{summary['wall_s']:.1f} s", f"{summary['samples_per_s']:.1f} samples/s",
              f"{summary['nonfinite_steps_skipped']} non-finite steps skipped",
              f"{len(summary['checkpoints_written'])} checkpoints written"]
+    if summary.get("zeroshot"):
+        zs = summary["zeroshot"]
+        parts.append(f"zero-shot top-1 {zs['top1']:.1%} / top-5 {zs['top5']:.1%} at step {zs['step']}")
     if data:
         parts.append(f"{skipped} samples skipped" + (f" ({', '.join(f'{k} {v}' for k, v in data['skipped'].items())})"
                                                      if data.get("skipped") else ""))

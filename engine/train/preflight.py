@@ -13,6 +13,8 @@ written into the output folder. It reads files and imports packages, never write
 - webdataset shards: `data.path` / `data.eval_path` expand to existing tars, each readable, and at least
   one holding a sample (an image and a .txt caption of one key: headers only, nothing decoded; the full
   per-sample validation is the catalog's, at start-up);
+- `evaluation.zeroshot`: its path a labelled folder with images (or labelled shards), its templates and
+  class names what `clipforge eval --task zeroshot` accepts (`check_zeroshot`);
 - the packages the config turns on: tensorboard, matplotlib, tqdm, DALI (and DeepSpeed itself);
 - `--resume` (a checkpoint that exists), and fp16 asking for a GPU on a machine without one.
 
@@ -55,6 +57,7 @@ def preflight(cfg: TrainConfig, resume: str | None = None, world_size: int | Non
     check_pretrained_paths(cfg)
     check_locks(cfg, model_config)
     check_data(cfg, model_config)
+    check_zeroshot(cfg)
     check_packages(cfg)
     check_device(cfg)
     if resume:
@@ -209,6 +212,66 @@ def _shard_state(path: str) -> str:
     except (tarfile.TarError, OSError, EOFError) as exc:
         return str(exc) or type(exc).__name__
     return "empty"
+
+
+# ----------------------------------------------------------------------------------- zero-shot
+def check_zeroshot(cfg: TrainConfig) -> None:
+    """evaluation.zeroshot (when set) as `clipforge eval --task zeroshot` will read it: the path a labelled
+    folder holding images in its class folders (or labelled shards, which need `classes`), the templates
+    a template set, JSON file or list, and the class names one per class folder."""
+    zs = cfg.evaluation.zeroshot
+    if not zs.path:
+        return
+    from ..data.config import DataError
+    from ..data.webdataset import expand_shards
+    from ..serve.datasets import EvalDataError, _classnames_for, _is_webdataset, image_folder
+    from ..serve.prompts import get_templates
+
+    key = "evaluation.zeroshot.path"
+    if not os.path.exists(zs.path) and not _is_webdataset(zs.path):
+        raise ConfigError(f"config key '{key}': {zs.path} does not exist; give a labelled folder (one sub-folder "
+                          "of images per class, as `clipforge eval --task zeroshot --data` takes)")
+    folders = None
+    try:
+        if _is_webdataset(zs.path):
+            if not any(_has_labelled_sample(shard) for shard in expand_shards(zs.path)):
+                raise ConfigError(f"config key '{key}': no shard of {zs.path} holds a labelled sample (an image and "
+                                  "a .cls integer label of one key); give a labelled folder or labelled shards")
+        else:
+            _, _, folders = image_folder(zs.path)
+    except (DataError, EvalDataError) as exc:
+        raise ConfigError(f"config key '{key}': {str(exc).replace('data.path', key)}") from None
+    try:
+        get_templates(zs.templates)
+    except ValueError as exc:
+        raise ConfigError(f"config key 'evaluation.zeroshot.templates': {exc}") from None
+    try:
+        names = _classnames_for(folders, zs.classes, None, zs.path)
+    except (EvalDataError, ValueError, TypeError, OSError) as exc:  # FileNotFoundError: a classes file
+        raise ConfigError(f"config key 'evaluation.zeroshot.classes': {exc}") from None
+    if len(names) < 2:
+        raise ConfigError(f"config key '{key}': {zs.path} has {len(names)} class; zero-shot classification needs "
+                          "at least two classes")
+
+
+def _has_labelled_sample(path: str) -> bool:
+    """Whether the tar holds an image and a .cls label of one key (member headers only, up to the first)."""
+    from ..data.webdataset import IMAGE_EXTS, split_name
+
+    try:
+        with tarfile.open(path, "r:") as tar:
+            seen: dict[str, set] = {}
+            for member in tar:
+                if not member.isreg():
+                    continue
+                name, ext = split_name(member.name)
+                exts = seen.setdefault(name, set())
+                exts.add(ext.lower())
+                if "cls" in exts and exts & set(IMAGE_EXTS):
+                    return True
+    except (tarfile.TarError, OSError, EOFError):
+        return False
+    return False
 
 
 # ----------------------------------------------------------------------------------- packages

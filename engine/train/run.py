@@ -3,7 +3,8 @@
 
 Also the `clipforge train` sub-command (`add_arguments` / `run`), and `main(argv)` for tests.
 Each run writes into its output directory: config.yaml (the resolved config), deepspeed_config.json,
-metrics.jsonl (one JSON object per step), tensorboard/, checkpoints/ (each step_N/ also readable by
+metrics.jsonl (one JSON object per step; with evaluation.zeroshot, zero-shot top-1 / top-5 / per-class
+recall on the steps it runs: engine/train/zeroshot.py), tensorboard/, checkpoints/ (each step_N/ also readable by
 `clipforge.load`), model.safetensors (the final weights, readable by `clipforge.load`) and loss_curve.png.
 """
 from __future__ import annotations
@@ -158,7 +159,7 @@ def train(cfg: TrainConfig, resume: str | None = None, grad_hook=None) -> int:
 
 
 def _train(cfg: TrainConfig, resume, grad_hook, stop) -> int:
-    from . import checkpoint
+    from . import checkpoint, zeroshot
     from ..model.weights import save_state_dict
     from .signals import exit_code, release_shm, signal_name
     from .trainer import NonFiniteLossError, Trainer
@@ -188,6 +189,7 @@ def _train(cfg: TrainConfig, resume, grad_hook, stop) -> int:
         log.message(f"--resume auto: no complete checkpoint in {cfg.checkpoint_dir}, starting fresh")
     last_saved = trainer.step if resume_path is not None else None
     last_path, status, stopped = resume_path, 0, 0
+    last_zeroshot = None  # the latest zero-shot report (rank 0), for summary.json
     try:
         while trainer.step < cfg.max_steps:
             stopped = stop.agreed(trainer.device)  # collective: did any rank get SIGTERM / SIGINT?
@@ -197,6 +199,10 @@ def _train(cfg: TrainConfig, resume, grad_hook, stop) -> int:
             every = cfg.evaluation.every_steps
             if every and trainer.step % every == 0:
                 metrics.update(trainer.evaluate())
+            if zeroshot.due(cfg, trainer.step):  # collective; the report on rank 0
+                last_zeroshot = zeroshot.evaluate(trainer)
+                if last_zeroshot is not None:
+                    metrics.update(zeroshot.metrics(last_zeroshot))
             log.write(metrics)
             every = cfg.checkpointing.every_steps
             if every and trainer.step % every == 0:
@@ -216,7 +222,7 @@ def _train(cfg: TrainConfig, resume, grad_hook, stop) -> int:
         report = trainer.data_report()  # collective
         if rank == 0:
             _summary(cfg, trainer, exit_code(stopped), started, first_step, first_samples, resume_path, written,
-                     report)
+                     report, last_zeroshot)
         release_shm()
         if rank == 0:
             why = stop.reason if stop.signum else f"{signal_name(stopped)} on another rank"
@@ -245,21 +251,27 @@ def _train(cfg: TrainConfig, resume, grad_hook, stop) -> int:
             save_state_dict(weights, trainer.model_config, model_path)
         if cfg.logging.plot and os.path.exists(log.path):
             plot_loss_curve(log.path, os.path.join(cfg.output_dir, "loss_curve.png"))
-        _summary(cfg, trainer, status, started, first_step, first_samples, resume_path, written, report)
+        _summary(cfg, trainer, status, started, first_step, first_samples, resume_path, written, report,
+                 last_zeroshot)
     dist.barrier()
     return status
 
 
-def _summary(cfg, trainer, status, started, first_step, first_samples, resume_path, written, report) -> None:
-    """summary.json and its line: what this run did (engine/train/metrics.py: write_summary)."""
+def _summary(cfg, trainer, status, started, first_step, first_samples, resume_path, written, report,
+             last_zeroshot=None) -> None:
+    """summary.json and its line: what this run did (engine/train/metrics.py: write_summary); with
+    evaluation.zeroshot, its latest report ("zeroshot": `clipforge eval`'s keys plus "step"; null if none ran)."""
     wall = time.time() - started
     samples = trainer.samples_seen - first_samples
-    write_summary(cfg.output_dir, {
+    summary = {
         "status": status, "step": trainer.step, "steps_run": trainer.step - first_step, "resumed_from": resume_path,
         "samples_seen": trainer.samples_seen, "samples_this_run": samples, "wall_s": round(wall, 3),
         "samples_per_s": round(samples / wall, 3) if wall > 0 else 0.0,
         "nonfinite_steps_skipped": trainer.nonfinite_total, "checkpoints_written": [p for p in written if p],
-        "data": report})
+        "data": report}
+    if cfg.evaluation.zeroshot.path:
+        summary["zeroshot"] = last_zeroshot
+    write_summary(cfg.output_dir, summary)
 
 
 def _report_data(report: dict, output_dir: str) -> None:
