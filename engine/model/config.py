@@ -10,13 +10,13 @@ from ..config import ConfigError, dataclass_from_dict, load_yaml
 
 @dataclass
 class VisionConfig:
-    image_size: int = 224
+    image_size: int = 224  # input resolution in pixels (a multiple of patch_size; of 32 for a ResNet)
     # an int: ViT depth; four ints: ResNet stage depths
     layers: int | tuple[int, ...] = 12
-    width: int = 768
+    width: int = 768  # ViT: token width; ResNet: the stem's channels (stage widths are multiples)
     patch_size: int | None = 32  # None for the modified ResNet
     heads: int | None = None  # default: width // 64 (ViT), width * 32 // 64 (ResNet attention pool)
-    mlp_ratio: float = 4.0
+    mlp_ratio: float = 4.0  # MLP hidden width / width (OpenCLIP's mlp_ratio)
     # FLIP (Li et al. 2023), OpenCLIP's `patch_dropout`: the fraction of patch tokens each sample drops in
     # training (class token kept, eval mode keeps all); ViT only. 0: off. See clip.VisionTransformer.
     patch_dropout: float = 0.0
@@ -61,12 +61,12 @@ class VisionConfig:
 
 @dataclass
 class TextConfig:
-    context_length: int = 77
-    vocab_size: int = 49408
-    width: int = 512
-    heads: int = 8
-    layers: int = 12
-    mlp_ratio: float = 4.0
+    context_length: int = 77  # tokens per caption, start and end included (captions are truncated to it)
+    vocab_size: int = 49408  # CLIP's BPE vocabulary
+    width: int = 512  # the text transformer's token width
+    heads: int = 8  # attention heads of the text transformer
+    layers: int = 12  # residual blocks of the text transformer
+    mlp_ratio: float = 4.0  # MLP hidden width / width
 
     def validate(self, prefix: str = "text") -> None:
         for key in ("context_length", "vocab_size", "width", "heads", "layers"):
@@ -89,15 +89,15 @@ def _ratio(key: str, value, width: int) -> None:
 
 @dataclass
 class CLIPConfig:
-    embed_dim: int = 512
+    embed_dim: int = 512  # the shared embedding space's width (both projections' output)
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     quick_gelu: bool = True  # OpenAI's released weights; OpenCLIP's LAION weights use plain GELU
-    init_logit_scale: float = math.log(1 / 0.07)
+    init_logit_scale: float = math.log(1 / 0.07)  # log of the initial temperature's inverse (CLIP: 1/0.07)
     # SigLIP's learnable logit bias b (the paper's -10 with init_logit_scale log 10); None: no bias (CLIP)
     init_logit_bias: float | None = None
     attention_backend: str = "auto"  # see clipforge.ops
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool = False  # set by the run's model.grad_checkpointing, not here
 
     def __post_init__(self):
         self.vision.validate()

@@ -25,6 +25,8 @@ from .distributed import init_distributed
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = ("Every run-config key, its type, default and meaning: docs/CONFIG.md, or print it with "
+                     "python -m clipforge.train.config_reference.")
     parser.add_argument("--config", help="run config (YAML); omitted: the defaults (tiny CPU run)")
     parser.add_argument("--max-steps", type=int, default=None, help="override max_steps")
     parser.add_argument("--output-dir", default=None, help="override output_dir")
