@@ -11,7 +11,6 @@ VmHWM, reset just before the call). Prints one JSON line per count, with the res
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile

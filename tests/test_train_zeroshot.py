@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_train import (BASE, _merge, one_rank, read_metrics, run_main, run_two_ranks,  # noqa: F401 (one_rank: a fixture)
+from test_train import (_merge, one_rank, read_metrics, run_main, run_two_ranks,  # noqa: F401 (one_rank: a fixture)
                         write_config, write_digit_folder)
 
 pytest.importorskip("deepspeed")
