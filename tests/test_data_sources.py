@@ -6,8 +6,6 @@ import io
 import json
 import math
 import os
-import subprocess
-import sys
 import tarfile
 from collections import Counter
 
@@ -17,8 +15,8 @@ import yaml
 from PIL import Image
 
 from clipforge.data import DataConfig, build_train_loader
-from test_preflight import PROBE, write_tar
-from test_train import (BASE, _merge, _plant_corrupt, _write_shards, assert_losses_close, one_rank,  # noqa: F401
+from test_preflight import probe_inputs, run_probe, write_tar
+from test_train import (_merge, _plant_corrupt, _write_shards, assert_losses_close, one_rank,  # noqa: F401
                         read_metrics, read_weights, run_main, run_two_ranks, write_config)
 
 
@@ -342,11 +340,7 @@ CASES = {
 def refusals(tmp_path_factory):
     """Every case through clipforge.train's main in one subprocess (test_preflight's probe)."""
     tmp = tmp_path_factory.mktemp("refusals")
-    shards = tmp / "shards"
-    shards.mkdir()
-    write_tar(shards / "00000.tar", 20)
-    config = tmp / "run.yaml"
-    config.write_text(yaml.safe_dump(BASE))
+    shards, config = probe_inputs(tmp)
     cases = []
     for name, (sets, _) in CASES.items():
         root = tmp / name
@@ -356,16 +350,7 @@ def refusals(tmp_path_factory):
         for item in sets(str(root), str(shards)):
             argv += ["--set", item]
         cases.append({"name": name, "argv": argv, "block": [], "env": {}, "out": str(root / "out")})
-    (tmp / "cases.json").write_text(json.dumps(cases))
-    (tmp / "probe.py").write_text(PROBE)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
-    proc = subprocess.run([sys.executable, str(tmp / "probe.py"), str(tmp / "cases.json")], env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return {row["name"]: row for row in (json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines()
-                                         if line.startswith("RESULT "))}
+    return run_probe(tmp, cases)
 
 
 @pytest.mark.parametrize("name", list(CASES))

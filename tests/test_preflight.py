@@ -157,14 +157,34 @@ def _case_argv(name: str, root: str, shards: str, config: str):
     return {"name": name, "argv": argv, "block": block, "env": env, "out": out}
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("preflight")
+def probe_inputs(tmp):
+    """(a folder of one good shard, the tiny run config) for the probe's cases."""
     shards = tmp / "shards"
     shards.mkdir()
     write_tar(shards / "00000.tar", 20)
     config = tmp / "run.yaml"
     config.write_text(yaml.safe_dump(BASE))
+    return shards, config
+
+
+def run_probe(tmp, cases: list[dict]) -> dict:
+    """Every case through clipforge.train's main in one subprocess (PROBE) -> {case name: its result}."""
+    (tmp / "cases.json").write_text(json.dumps(cases))
+    (tmp / "probe.py").write_text(PROBE)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    proc = subprocess.run([sys.executable, str(tmp / "probe.py"), str(tmp / "cases.json")], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = (json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT "))
+    return {row["name"]: row for row in rows}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("preflight")
+    shards, config = probe_inputs(tmp)
     cases = []
     for name in CASES:
         root = tmp / name
@@ -174,20 +194,7 @@ def results(tmp_path_factory):
         cases.append(_case_argv(name, str(root), str(shards), str(config)))
     if _cuda():
         cases = [c for c in cases if c["name"] != "fp16_on_cpu"]
-    (tmp / "cases.json").write_text(json.dumps(cases))
-    (tmp / "probe.py").write_text(PROBE)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
-    proc = subprocess.run([sys.executable, str(tmp / "probe.py"), str(tmp / "cases.json")], env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    found = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            row = json.loads(line[len("RESULT "):])
-            found[row["name"]] = row
-    return found
+    return run_probe(tmp, cases)
 
 
 def _cuda() -> bool:

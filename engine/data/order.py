@@ -179,26 +179,8 @@ class _EpochPlan:
         return bool(self.missing) and self.locate(i)[0] in self.missing
 
     def batch_positions(self, b: int) -> list[int]:
-        """The positions batch b reads: batch_range(b), with each sample of a vanished shard replaced by
-        the next candidate from a shard that is still there (distinct, deterministic)."""
-        idx = list(self.batch_range(b))
-        if not self.missing:
-            return idx
-        out, cand = [], None
-        for i in idx:
-            if not self.in_missing_shard(i):
-                out.append(i)
-                continue
-            cand = cand or self.candidates(b)
-            for c in cand:
-                if not self.in_missing_shard(c):
-                    out.append(c)
-                    break
-            else:
-                raise DataError(f"every shard of epoch {self.epoch} is gone from disk "
-                                f"({', '.join(sorted(self.catalog.refs[s].path for s in self.missing))}); "
-                                "check data.path")
-        return out
+        """The positions batch b reads (`replace_vanished`)."""
+        return replace_vanished(self, b, f"epoch {self.epoch}", "data.path")
 
     def row(self, i: int):
         shard, s = self.locate(i)
@@ -222,3 +204,26 @@ class _EpochPlan:
         """Per-sample augmentation randomness: the same whatever the worker, batch or resume point."""
         shard, s = self.locate(i)
         return np.random.default_rng([self.seed, self.epoch, shard, s, 7])
+
+
+def replace_vanished(plan, b: int, what: str, keys: str) -> list[int]:
+    """plan.batch_range(b), each sample of a vanished shard replaced by the next of plan.candidates(b) from a
+    shard still there (distinct, deterministic); `what` and `keys` name, in the error when every shard is
+    gone, what was read and the config keys to check. plan: an epoch plan here or data/sources.py's."""
+    idx = list(plan.batch_range(b))
+    if not plan.missing:
+        return idx
+    out, cand = [], None
+    for i in idx:
+        if not plan.in_missing_shard(i):
+            out.append(i)
+            continue
+        cand = cand or plan.candidates(b)
+        for c in cand:
+            if not plan.in_missing_shard(c):
+                out.append(c)
+                break
+        else:
+            raise DataError(f"every shard of {what} is gone from disk "
+                            f"({', '.join(sorted(plan.catalog.refs[s].path for s in plan.missing))}); check {keys}")
+    return out

@@ -41,7 +41,7 @@ import numpy as np
 
 from .catalog import Catalog, build_catalog
 from .config import DataConfig, DataError, split_sources
-from .order import _FileCache, _shard_files_exist
+from .order import _FileCache, _shard_files_exist, replace_vanished
 from .webdataset import expand_shards
 
 
@@ -335,25 +335,8 @@ class _MixPlan:
         return bool(self.missing) and self.locate(pos)[0] in self.missing
 
     def batch_positions(self, b: int) -> list:
-        """batch_range(b), each sample of a vanished shard replaced by the next candidate still there."""
-        idx = list(self.batch_range(b))
-        if not self.missing:
-            return idx
-        out, cand = [], None
-        for i in idx:
-            if not self.in_missing_shard(i):
-                out.append(i)
-                continue
-            cand = cand or self.candidates(b)
-            for c in cand:
-                if not self.in_missing_shard(c):
-                    out.append(c)
-                    break
-            else:
-                raise DataError(f"every shard of the sources is gone from disk "
-                                f"({', '.join(sorted(self.catalog.refs[s].path for s in self.missing))}); "
-                                "check data.sources / data.path")
-        return out
+        """batch_range(b), samples of vanished shards replaced (data/order.py's `replace_vanished`)."""
+        return replace_vanished(self, b, "the sources", "data.sources / data.path")
 
     def runs(self):
         """(shard, sample indices) of the pass's effective positions, in order, one shard at a time."""
