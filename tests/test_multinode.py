@@ -201,6 +201,15 @@ def test_config_differences_name_keys_and_ranks():
     text = config_differences([base, {k: v for k, v in base.items() if k != "batch.micro_size"}])
     assert "batch.micro_size is 8 on rank 0 but '<unset>' on rank 1" in text
 
+    # sources may sit at other paths on other nodes; their number and weights must agree
+    from clipforge.train.distributed import _flatten
+
+    a = _flatten({"data": {"sources": [{"path": "/x/a", "weight": 3}, {"path": "/x/b"}]}, "model": {"pretrained": "/x/w"}})
+    b = _flatten({"data": {"sources": [{"path": "/y/a", "weight": 3}, {"path": "/y/b"}]}, "model": {"pretrained": "/y/w"}})
+    assert config_differences([a, b]) is None
+    c = _flatten({"data": {"sources": [{"path": "/x/a", "weight": 1}, {"path": "/x/b"}]}, "model": {"pretrained": "/x/w"}})
+    assert "data.sources" in config_differences([a, c])
+
 
 # ------------------------------------------------------------------------------ task B: nodes
 def test_two_nodes_train_like_one_process_and_resume_after_one_dies(tmp_path, straight):

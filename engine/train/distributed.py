@@ -148,7 +148,8 @@ def set_collective_timeout(timeout_s: float) -> None:
 # keys that may differ between nodes: where files are, each node's loader threads and devices, logging
 NODE_LOCAL_KEYS = ("output_dir", "checkpointing.dir", "deepspeed.config_file", "logging", "distributed",
                    "data.path", "data.eval_path", "data.cache_dir", "data.num_workers", "data.token_workers",
-                   "data.loader", "data.device", "data.prefetch")
+                   "data.loader", "data.device", "data.prefetch", "model.pretrained", "model.pretrained_image",
+                   "model.pretrained_text", "evaluation.zeroshot.path")
 
 
 def check_same_config(config: dict) -> None:
@@ -167,8 +168,12 @@ def check_same_config(config: dict) -> None:
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
+    """Dotted keys; data.sources compared without their paths (node-local, like data.path): the number of
+    sources and their weights must agree."""
     out = {}
     for key, value in tree.items():
+        if f"{prefix}{key}" == "data.sources" and isinstance(value, list):
+            value = [{k: v for k, v in s.items() if k != "path"} if isinstance(s, dict) else s for s in value]
         if isinstance(value, dict) and value:
             out.update(_flatten(value, f"{prefix}{key}."))
         else:
