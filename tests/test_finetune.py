@@ -84,6 +84,33 @@ def test_weights_that_do_not_fit_are_refused_by_key(pretrained, tmp_path):
         TrainConfig.from_dict({"model": {"pretrained": path, "pretrained_text": path}})
 
 
+def test_a_file_with_other_attention_heads_is_refused(tmp_path):
+    """No tensor shape says the heads: a clipforge file's config does, and it is checked (a model with the
+    other split would run and embed wrongly)."""
+    from clipforge.train.finetune import load_pretrained
+
+    clipforge.save(clipforge.create_model("tiny-vit", text={"heads": 4}), tmp_path / "heads4.safetensors")
+    for key in ("pretrained", "pretrained_text"):
+        cfg = TrainConfig.from_dict({"model": {key: str(tmp_path / "heads4.safetensors")}})
+        with pytest.raises(CheckpointError, match=rf"'model.{key}'.*text tower has 4 attention heads.*has 2"):
+            load_pretrained(clipforge.create_model("tiny-vit"), cfg)
+    cfg = TrainConfig.from_dict({"model": {"pretrained_image": str(tmp_path / "heads4.safetensors")}})
+    assert load_pretrained(clipforge.create_model("tiny-vit"), cfg)  # the image tower's heads agree
+
+
+def test_resuming_with_other_trained_parameters_is_refused_by_key(tmp_path, one_rank, capsys):
+    """A checkpoint written without locks, resumed with lock_image (or with another loss.kind): one sentence
+    naming what changed, not "damaged files"."""
+    sections = dict(max_steps=2, checkpointing={"every_steps": 2, "keep_last": 1})
+    config = write_config(tmp_path, "run", **sections)
+    assert run_main(config) == 0
+    for extra in ({"model": {"lock_image": True}}, {"loss": {"kind": "siglip"}}):
+        changed = write_config(tmp_path, "run", **_merge(sections, {**extra, "max_steps": 3}))
+        assert run_main(changed, "--resume", "auto") != 0
+        err = capsys.readouterr().err
+        assert "trained other parameters" in err and "damaged" not in err and "cannot be read" not in err, err
+
+
 def _optimizer_numel(trainer) -> int:
     opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
     return sum(s["exp_avg"].numel() for s in opt.state.values())

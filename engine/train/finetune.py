@@ -10,11 +10,13 @@ from a file of any CLIP whose tower has this run's shapes) are read by clipforge
 (model/weights.py: no code executed, OpenCLIP's other families refused, NaN refused) with `model.name` as
 the architecture, as `clipforge.load(path, model_name=model.name)` would, and copied strictly: a missing,
 extra or mis-shaped key of what is loaded is refused by name. What a file says of its activation is
-checked against the run's model (clipforge files carry their config; OpenAI's archives are QuickGELU):
-GELU weights in a QuickGELU model (or back) would run and be silently wrong. A SigLIP run starting from
-CLIP weights keeps its initial logit bias (the file has none). Resuming wins: a run that resumes from a
-checkpoint loads the pretrained file too (every rank builds its model the same way) and then DeepSpeed's
-checkpoint replaces every weight and optimizer state.
+checked against the run's model (clipforge files carry their config; OpenAI's archives are QuickGELU), and
+so are a clipforge file's attention heads: GELU weights in a QuickGELU model (or back), or weights split
+into other heads, would run and be silently wrong (a plain state dict says neither: model.name does). A SigLIP run starting from
+CLIP weights takes their logit scale and keeps its initial bias (-10; the file has none). Resuming wins:
+a run that resumes from a checkpoint loads the pretrained file too (every rank builds its model the same
+way, so the file must stay readable) and then DeepSpeed's checkpoint replaces every weight and optimizer
+state; a checkpoint written while other parameters were trained is refused (`check_resumed_parameters`).
 
 Locking (LiT, Zhai et al. 2022; OpenCLIP's --lock-image / --lock-text): a tower's parameters are split
 into OpenCLIP's groups, from the input: [stem: patch / token embedding, positional embedding (ViT: class
@@ -61,6 +63,25 @@ def check_pretrained_paths(cfg) -> None:
                               "(.pt, .safetensors), a run folder or a complete checkpoint folder (step_N/)")
 
 
+def _check_heads(model, stored_cfg, key: str, where: str) -> None:
+    """The attention heads a clipforge file was trained with (its config; no tensor shape says them) against
+    the run's model, for the towers `key` loads: weights split into other heads run and are silently wrong."""
+    if not stored_cfg:
+        return
+    from ..model.config import CLIPConfig
+
+    theirs, ours = CLIPConfig.from_dict(stored_cfg), model.config
+    towers = {"model.pretrained_image": ("vision",), "model.pretrained_text": ("text",)}.get(key, ("vision", "text"))
+    for tower in towers:
+        a = getattr(theirs, tower)
+        b = getattr(ours, tower)
+        got, want = (a.num_heads, b.num_heads) if tower == "vision" else (a.heads, b.heads)
+        if got != want:
+            raise CheckpointError(f"config key '{key}': {where} holds a model whose {tower} tower has {got} attention "
+                                  f"heads, but the run's model has {want}; name the weights' model in model.name or "
+                                  f"set model.overrides.{tower}.heads: {got}")
+
+
 def _check_activation(model, stored_cfg, kind: str, key: str, where: str, name: str) -> None:
     said = stored_cfg.get("quick_gelu") if stored_cfg else (True if kind == "openai-archive" else None)
     if said is not None and bool(said) != bool(model.config.quick_gelu):
@@ -77,6 +98,7 @@ def load_pretrained(model: nn.Module, cfg) -> list[str]:
     for key, path in pretrained_files(cfg):
         sd, stored_cfg, kind, where = read_checked(path, named=True)
         _check_activation(model, stored_cfg, kind, key, where, cfg.model.name)
+        _check_heads(model, stored_cfg, key, where)
         what = f"{where} ({key})"
         if key == "model.pretrained_image":
             load_state_dict_strict(model, sd, what, keep=_is_image)
@@ -171,6 +193,27 @@ def lock_towers(model: nn.Module, cfg) -> dict[str, int]:
                 _freeze_batchnorm_statistics(model.visual)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     return {"frozen": frozen, "trainable": sum(p.numel() for p in model.parameters()) - frozen}
+
+
+def trained_names(model: nn.Module) -> list[str]:
+    """The names of the parameters a run trains (all but the locked ones), as its checkpoints record them."""
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def check_resumed_parameters(state: dict, trained: list[str], path: str) -> None:
+    """Refuse resuming a checkpoint written while other parameters were trained (loss.kind, model.lock_* or
+    the model's overrides changed since): DeepSpeed would fail on the optimizer's groups, or, were their
+    sizes to agree, put Adam's moments on the wrong parameters. Checkpoints without the record pass."""
+    saved = state.get("trained")
+    if saved is None or list(saved) == list(trained):
+        return
+    new, gone = sorted(set(trained) - set(saved)), sorted(set(saved) - set(trained))
+    what = "; ".join(x for x in (f"now trained: {', '.join(new[:4])}{' ...' if len(new) > 4 else ''}" if new else "",
+                                 f"no longer trained: {', '.join(gone[:4])}{' ...' if len(gone) > 4 else ''}"
+                                 if gone else "") if x) or "the same names in another order"
+    raise CheckpointError(f"cannot resume from {path}: it was written by a run that trained other parameters "
+                          f"({what}); loss.kind, model.lock_* or model.overrides changed since. Resume with the "
+                          "run's own config (its config.yaml), or start a fresh run with --force")
 
 
 def prepare_model(model: nn.Module, cfg) -> dict:

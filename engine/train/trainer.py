@@ -45,7 +45,7 @@ from ..data.synthetic import SyntheticPairs
 from ..model.clip import MAX_LOGIT_SCALE, keyed_patch_dropout
 from .config import ConfigError, TrainConfig
 from .deepspeed_compat import _scalars_to_vectors, _weights_only_load
-from .finetune import prepare_model
+from .finetune import check_resumed_parameters, prepare_model, trained_names
 from .schedule import lr_factor
 from .distributed import check_same_config, failures_announced, set_collective_timeout, start_watchdog
 
@@ -461,6 +461,7 @@ class Trainer:
             "nonfinite_total": self.nonfinite_total,
             "nonfinite_in_row": self.nonfinite_in_row,
             "world_size": self.world_size,
+            "trained": trained_names(self.module),  # what a resume must train alike (finetune.py)
             "data": self.data.state_dict(),
             "rng": _full_rng_state(),
         }
@@ -488,6 +489,8 @@ class Trainer:
     def load_checkpoint(self, path: str) -> None:
         from .checkpoint import CheckpointError
 
+        state = load_trainer_state(path, self.rank)  # first: a changed parameter set is named, not "damaged"
+        check_resumed_parameters(state, trained_names(self.module), path)
         try:
             load_path, _ = self.engine.load_checkpoint(path, tag=DS_TAG, load_optimizer_states=True,
                                                        load_lr_scheduler_states=True)
@@ -499,7 +502,7 @@ class Trainer:
                                   "(pass its path to --resume)") from None
         if load_path is None:
             raise CheckpointError(f"{path} holds no readable DeepSpeed checkpoint (tag '{DS_TAG}')")
-        self.load_state_dict(load_trainer_state(path, self.rank))
+        self.load_state_dict(state)
 
     def full_gradients(self) -> dict:
         """{name: full fp32 gradient on CPU} of every parameter, from inside `grad_hook` (collective
