@@ -166,6 +166,16 @@ def test_the_siglip_demo_config_is_the_demo_with_the_sigmoid_loss():
     assert siglip == demo
 
 
+@pytest.mark.parametrize("sections, key", [
+    ({"data": {"kind": "synthetic", "resampled": True}}, "data.resampled"),
+    ({"data": {"kind": "synthetic", "sources": [{"path": "a"}]}}, "data.sources"),
+    ({"evaluation": {"zeroshot": {"every_steps": 10}}}, "evaluation.zeroshot.every_steps"),
+])
+def test_keys_that_would_be_ignored_are_refused(sections, key):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        TrainConfig.from_dict(sections)
+
+
 def test_every_run_config_is_listed():
     names = {os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "configs", "*.yaml"))}
     run_configs = {n for n in names if "max_steps" in open(os.path.join(ROOT, "configs", n)).read()}
@@ -253,6 +263,7 @@ def test_lr_schedules_equal_open_clip_trains(kind, cooldown, power, floor):
     ({"kind": "const-cooldown", "cooldown_steps": 8, "warmup_steps": 5}, "schedule.cooldown_steps"),
     ({"kind": "const-cooldown", "cooldown_steps": 3, "cooldown_power": 0}, "schedule.cooldown_power"),
     ({"kind": "cosine", "cooldown_steps": 3}, "schedule.cooldown_steps"),
+    ({"kind": "const", "min_lr_ratio": 0.5}, "schedule.min_lr_ratio"),
 ])
 def test_schedule_keys_are_checked(schedule, key):
     with pytest.raises(ConfigError, match=f"'{key}'"):

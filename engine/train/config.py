@@ -276,6 +276,9 @@ class TrainConfig:
         _at_least("evaluation.every_steps", self.evaluation.every_steps, 0, "(0: never)")
         _positive("evaluation.batches", self.evaluation.batches)
         zs = self.evaluation.zeroshot
+        if not zs.path and zs.every_steps:
+            raise ConfigError("config key 'evaluation.zeroshot.every_steps' is set but evaluation.zeroshot.path is "
+                              "not: give the labelled folder to evaluate, or drop every_steps")
         if zs.path is not None and not str(zs.path).strip():
             raise ConfigError("config key 'evaluation.zeroshot.path' is empty: give a labelled folder (one "
                               "sub-folder per class), or null to turn zero-shot evaluation off")
@@ -311,7 +314,10 @@ class TrainConfig:
                 raise ConfigError(f"config keys 'schedule.warmup_steps' + 'schedule.cooldown_steps' ({sched.warmup_steps}"
                                   f" + {sched.cooldown_steps}) exceed the schedule length ({self.total_steps}: "
                                   "schedule.total_steps, else max_steps)")
-        elif sched.cooldown_steps != 0 or sched.cooldown_power != 1.0:
+        elif sched.kind == "const" and sched.min_lr_ratio != 0:
+            raise ConfigError("config key 'schedule.min_lr_ratio' is where cosine and const-cooldown end; "
+                              "schedule.kind: const never decays: drop it, or choose one of those kinds")
+        if sched.kind != "const-cooldown" and (sched.cooldown_steps != 0 or sched.cooldown_power != 1.0):
             raise ConfigError(f"config keys 'schedule.cooldown_steps' / 'schedule.cooldown_power' apply to "
                               f"schedule.kind: const-cooldown only, not {sched.kind!r}; set the kind or drop them")
         if self.schedule.warmup_steps > self.total_steps:
@@ -340,6 +346,11 @@ class TrainConfig:
                     "config key 'deepspeed.offload_optimizer' needs optimizer.impl: deepspeed "
                     "(DeepSpeedCPUAdam steps the offloaded states; torch.optim.AdamW would be slow there)"
                 )
+        if self.data.kind == "synthetic":
+            for key in ("sources", "upsampling_factors", "resampled"):
+                if getattr(self.data, key):
+                    raise ConfigError(f"config key 'data.{key}' reads webdataset shards, but data.kind is "
+                                      "synthetic (generated pairs): set data.kind: webdataset, or drop it")
         if self.data.kind == "webdataset" and not (self.data.path or self.data.sources):
             raise ConfigError("config key 'data.path' (or data.sources) is required when data.kind is webdataset")
 
