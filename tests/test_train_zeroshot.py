@@ -120,7 +120,8 @@ def test_every_steps_0_evaluates_at_the_end_only_and_leaves_training_as_it_was(t
     assert run_main(config, "--output-dir", str(tmp_path / "every")) == 0
     every = read_metrics(tmp_path / "every")
     assert all("zeroshot_top1" in r for r in every)
-    assert run_main(config, "--output-dir", str(tmp_path / "off"), "--set", "evaluation.zeroshot.path=null") == 0
+    assert run_main(config, "--output-dir", str(tmp_path / "off"), "--set", "evaluation.zeroshot.path=null",
+                    "--set", "evaluation.zeroshot.every_steps=0") == 0
     off = read_metrics(tmp_path / "off")
     assert [r["loss"] for r in every] == [r["loss"] for r in off] == [r["loss"] for r in records]
     assert "zeroshot" not in json.loads((tmp_path / "off" / "summary.json").read_text())
